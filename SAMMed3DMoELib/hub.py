@@ -1,0 +1,991 @@
+"""Model catalog and Hugging Face Hub downloads: checkpoints, bundle folders, cache, offline use.
+
+Everything goes through ``huggingface_hub`` and its standard cache (``HF_HUB_CACHE`` /
+``HF_HOME``), so files fetched here are shared with every other Hub client on the machine.
+
+What this module adds on top of ``huggingface_hub`` (behaviour checked against 2.4):
+
+* **The environment is read at call time.** ``huggingface_hub`` reads ``HF_ENDPOINT``,
+  ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE``/``HF_HOME`` once, when it is imported. Here the endpoint
+  and the cache folder are read on every call and passed explicitly; ``HF_HUB_OFFLINE`` set after
+  the import is honoured by not touching the network at all.
+* **Content verification.** For plain HTTP downloads ``huggingface_hub`` only checks that the
+  byte count matches the advertised size; it never hashes the content. Here every new download
+  is hashed: against the SHA-256 given by the caller (the catalog), otherwise against the
+  server's ETag when that is a SHA-256 (the Hub's ETag of an LFS file is its SHA-256). A file
+  that does not match is deleted from the cache (blob and snapshot link).
+* **Resume across calls.** ``huggingface_hub`` resumes a dropped connection inside one call (it
+  retries with a ``Range`` header), but it writes into a temporary file with a unique name and
+  deletes that file when the call fails, so a cancelled or crashed download starts again from
+  zero. Here the temporary file is hard-linked to ``blobs/<etag>.partial`` as soon as it is
+  created; the next call downloads only the rest (``Range: bytes=N-``) and moves the finished
+  file into place, and ``hf_hub_download`` then links it into the snapshot as usual.
+* **Progress and cancel.** A ``progress(done_bytes, total_bytes)`` callback for GUIs (a terminal
+  bar when there is no callback and stderr is a terminal) and a ``threading.Event`` that stops the
+  download at the next chunk with :class:`~SAMMed3DMoELib.errors.CancelledError`. Both hook into
+  the ``tqdm_class`` that ``hf_hub_download`` accepts. ``huggingface_hub`` reads the network in
+  10 MiB chunks, so this module lowers ``huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE`` to
+  256 KiB, so that progress and cancel respond more often.
+* **Clear errors.** Missing repository, missing file, missing revision, no network and offline
+  mode each raise :class:`~SAMMed3DMoELib.errors.SAMMed3DError`. The message says what to do.
+  Without a network (offline mode, or the server cannot be reached), a cached copy is used when
+  there is one, with a warning in the log.
+
+Files stored in Xet (``hf_xet`` installed and the server announces Xet) are downloaded by
+``hf_xet``. It keeps its own chunk cache, so the ``.partial`` mechanism above is not used for
+them. Cancel is checked in its progress callback; whether ``hf_xet`` stops at once when that
+callback raises has not been tested here (the test server does not speak Xet). If it finishes
+the file instead, the call still raises CancelledError afterwards.
+
+Callbacks run in the thread that downloads. A GUI runs the download in a worker thread and
+forwards the progress to its own thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+from huggingface_hub import (
+    HfApi,
+    RepoFile,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    snapshot_download,
+    try_to_load_from_cache,
+)
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    FileMetadataError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.file_download import http_get, repo_folder_name
+from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_objects
+from tqdm.auto import tqdm
+
+from .errors import CancelledError, SAMMed3DError
+
+__all__ = [
+    "CatalogEntry",
+    "RemoteFileInfo",
+    "cached_file",
+    "download_file",
+    "download_snapshot",
+    "load_catalog",
+    "remote_file_info",
+    "resolve_model",
+]
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+"""``progress(done_bytes, total_bytes)``; ``total_bytes`` is 0 while the size is unknown."""
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+CATALOG_PATH = Path(__file__).with_name("catalog.json")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+BUNDLE_CONFIG = "config.json"
+
+_CHUNK_BYTES = 256 * 1024  # network read size while downloading: the step of progress and cancel
+_PARTIAL_SUFFIX = ".partial"  # blobs/<etag>.partial: bytes kept from an interrupted download
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+_REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+# --------------------------------------------------------------------------------------------
+# Catalog
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One known model. ``kind`` is ``"checkpoint"`` (one file: ``filename`` in ``repo_id``) or
+    ``"bundle"`` (a whole Hub repo: a folder with ``config.json``; ``filename`` is None).
+    ``sha256`` None means no published checksum is known; ``size_mb`` is the documented size
+    (the exact size comes from the server, see :func:`remote_file_info`)."""
+
+    name: str
+    repo_id: str
+    filename: Optional[str]
+    revision: Optional[str]
+    sha256: Optional[str]
+    size_mb: Optional[float]
+    kind: str
+    box_prompts: bool
+    description: str
+
+
+_ENTRY_KEYS = {
+    "name", "repo_id", "filename", "revision", "sha256", "size_mb", "kind", "box_prompts", "description",
+}
+_IGNORED_KEYS = {"notes"}  # for maintainers: where a value comes from
+
+
+def load_catalog(path: Union[str, os.PathLike, None] = None) -> dict[str, CatalogEntry]:
+    """The known models by name, from the packaged ``catalog.json`` or from ``path``."""
+    source = Path(path) if path is not None else CATALOG_PATH
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SAMMed3DError(f"Model catalog not found: {source}. Pass the path of an existing catalog JSON file.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SAMMed3DError(f"Model catalog {source} cannot be read: {exc}. Fix or replace the file.") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        raise SAMMed3DError(f"Model catalog {source} has no \"models\" list. Use the layout of the packaged catalog.json.")
+    catalog: dict[str, CatalogEntry] = {}
+    for index, raw in enumerate(models):
+        entry = _catalog_entry(raw, where=f"{source}, model #{index + 1}")
+        if entry.name in catalog:
+            raise SAMMed3DError(f"Model catalog {source} lists '{entry.name}' twice. Give every model its own name.")
+        catalog[entry.name] = entry
+    return catalog
+
+
+def _catalog_entry(raw: object, *, where: str) -> CatalogEntry:
+    def bad(what: str) -> SAMMed3DError:
+        return SAMMed3DError(f"Model catalog entry ({where}): {what}. Fix the catalog file.")
+
+    if not isinstance(raw, dict):
+        raise bad("is not a JSON object")
+    unknown = set(raw) - _ENTRY_KEYS - _IGNORED_KEYS
+    if unknown:
+        raise bad(f"unknown keys {sorted(unknown)} (allowed: {sorted(_ENTRY_KEYS | _IGNORED_KEYS)})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise bad("'name' must be a non-empty string without '/'")
+    where = f"{where} '{name}'"
+    kind = raw.get("kind", "checkpoint")
+    if kind not in ("checkpoint", "bundle"):
+        raise bad(f"'kind' is {kind!r}; it must be \"checkpoint\" or \"bundle\"")
+    repo_id = raw.get("repo_id")
+    if not isinstance(repo_id, str) or not _REPO_ID_RE.fullmatch(repo_id):
+        raise bad(f"'repo_id' is {repo_id!r}; it must be a Hub repo id 'owner/name'")
+    filename = raw.get("filename")
+    if kind == "checkpoint" and (not isinstance(filename, str) or not filename):
+        raise bad("a checkpoint needs 'filename' (the file's path in the repo)")
+    if kind == "bundle" and filename is not None:
+        raise bad("a bundle is the whole repo; set 'filename' to null")
+    revision = raw.get("revision")
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise bad("'revision' must be null or a branch, tag or commit")
+    sha256 = raw.get("sha256")
+    if sha256 is not None:
+        if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256.lower()):
+            raise bad("'sha256' must be null or 64 hexadecimal digits")
+        sha256 = sha256.lower()
+    size_mb = raw.get("size_mb")
+    if size_mb is not None and (isinstance(size_mb, bool) or not isinstance(size_mb, (int, float)) or size_mb < 0):
+        raise bad("'size_mb' must be null or a non-negative number")
+    box_prompts = raw.get("box_prompts", False)
+    if not isinstance(box_prompts, bool):
+        raise bad("'box_prompts' must be true or false")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise bad("'description' must be a string")
+    return CatalogEntry(
+        name=name, repo_id=repo_id, filename=filename, revision=revision, sha256=sha256,
+        size_mb=size_mb, kind=kind, box_prompts=box_prompts, description=description,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Environment, read at call time
+# --------------------------------------------------------------------------------------------
+
+
+def _is_true(value: Optional[str]) -> bool:
+    return value is not None and value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+@dataclass(frozen=True)
+class _Settings:
+    endpoint: str
+    cache_dir: Path
+    offline: bool
+    offline_reason: str
+
+
+def _settings(cache_dir: Union[str, os.PathLike, None] = None) -> _Settings:
+    env = os.environ
+    endpoint = (env.get("HF_ENDPOINT") or "").strip().rstrip("/") or DEFAULT_ENDPOINT
+    if cache_dir is None:
+        home = env.get("HF_HOME") or os.path.join(
+            env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+        )
+        cache_dir = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    cache = Path(os.path.expandvars(os.path.expanduser(str(cache_dir)))).resolve()
+    env_offline = _is_true(env.get("HF_HUB_OFFLINE")) or _is_true(env.get("TRANSFORMERS_OFFLINE"))
+    lib_offline = bool(getattr(hf_constants, "HF_HUB_OFFLINE", False))
+    if env_offline:
+        reason = "Offline mode is on (HF_HUB_OFFLINE=1)"
+    elif lib_offline:
+        reason = (
+            "Offline mode is on (huggingface_hub was imported while HF_HUB_OFFLINE was set; "
+            "restart the application without it to go online)"
+        )
+    else:
+        reason = ""
+    return _Settings(endpoint=endpoint, cache_dir=cache, offline=env_offline or lib_offline, offline_reason=reason)
+
+
+def _storage_folder(settings: _Settings, repo_id: str) -> Path:
+    return settings.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(repo_id: str, filename: Optional[str], revision: Optional[str]) -> str:
+    rev = f" (revision '{revision}')" if revision else ""
+    return f"'{filename}' in repository '{repo_id}'{rev}" if filename else f"repository '{repo_id}'{rev}"
+
+
+def _status(exc: BaseException) -> Optional[int]:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _hub_error(exc: BaseException, *, repo_id: str, filename: Optional[str], revision: Optional[str],
+               endpoint: str) -> Optional[SAMMed3DError]:
+    """A SAMMed3DError for errors that retrying or the cache cannot fix; None for the others."""
+    if isinstance(exc, HFValidationError):
+        return SAMMed3DError(
+            f"'{repo_id}' is not a valid Hugging Face repo id ({exc}). Use 'owner/name', e.g. 'blueyo0/SAM-Med3D'."
+        )
+    if isinstance(exc, GatedRepoError):
+        return SAMMed3DError(
+            f"Repository '{repo_id}' on {endpoint} is gated: accept its conditions on its web page, then log in "
+            "(`hf auth login`, or set HF_TOKEN) and try again."
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return SAMMed3DError(
+            f"Repository '{repo_id}' was not found on {endpoint}. Check the repo id (owner/name); if the "
+            "repository is private, log in (`hf auth login`, or set HF_TOKEN)."
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return SAMMed3DError(
+            f"Revision '{revision or 'main'}' does not exist in repository '{repo_id}' on {endpoint}. "
+            "Use an existing branch, tag or commit."
+        )
+    if isinstance(exc, EntryNotFoundError) and not isinstance(exc, LocalEntryNotFoundError):
+        return SAMMed3DError(
+            f"File '{filename}' does not exist in repository '{repo_id}' (revision '{revision or 'main'}') on "
+            f"{endpoint}. Check the file name against the repository's file list."
+        )
+    if isinstance(exc, HfHubHTTPError) and _status(exc) == 404:
+        return SAMMed3DError(
+            f"{_describe(repo_id, filename, revision)} was not found on {endpoint} (HTTP 404). Check the repo "
+            "id and file name; if HF_ENDPOINT points to a mirror, check that the mirror has it."
+        )
+    if isinstance(exc, HfHubHTTPError) and _status(exc) in (401, 403):
+        return SAMMed3DError(
+            f"Access to {_describe(repo_id, filename, revision)} on {endpoint} was refused "
+            f"(HTTP {_status(exc)}). Log in with an account that may read it (`hf auth login`, or set HF_TOKEN)."
+        )
+    return None
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """No usable answer from the server: network down, timeout, server error, not a Hub."""
+    if isinstance(exc, (OfflineModeIsEnabled, FileMetadataError)):
+        return True
+    if isinstance(exc, HfHubHTTPError):
+        status = _status(exc)
+        return status is None or status in (408, 429) or status >= 500
+    # Transport errors of whichever HTTP client this huggingface_hub version uses.
+    for module_name, class_names in (
+        ("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
+        module = sys.modules.get(module_name)
+        for class_name in class_names:
+            cls = getattr(module, class_name, None) if module is not None else None
+            if isinstance(cls, type) and isinstance(exc, cls):
+                return True
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def _not_available_offline(reason: str, what: str, settings: _Settings, get_hint: str) -> SAMMed3DError:
+    return SAMMed3DError(
+        f"{reason}, and {what} is not in the local cache ({settings.cache_dir}). To get it: download it on "
+        f"a machine with internet access ({get_hint}) and copy the file (or that machine's Hugging Face "
+        "cache folder) here, then pass the file's path instead; or set HF_ENDPOINT to a Hub mirror you can "
+        "reach; or reconnect and try again."
+        + (" Unset HF_HUB_OFFLINE to allow downloads." if "HF_HUB_OFFLINE" in reason else "")
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Remote metadata and the cache
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoteFileInfo:
+    """What the server says about a file before downloading it. ``size`` is in bytes (None if the
+    server did not say); ``etag`` is the content id (the SHA-256 for LFS files); ``commit`` is the
+    40-hex commit the revision points to; ``url`` is where the bytes come from; ``xet`` is True
+    when the file is stored in Xet."""
+
+    size: Optional[int]
+    etag: Optional[str]
+    commit: Optional[str]
+    url: str = ""
+    xet: bool = False
+
+
+def _fetch_metadata(repo_id: str, filename: str, revision: Optional[str], endpoint: str) -> RemoteFileInfo:
+    url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint)
+    meta = get_hf_file_metadata(url, endpoint=endpoint)
+    if not meta.commit_hash or not meta.etag:
+        raise FileMetadataError(
+            f"{endpoint} answered without the commit or ETag header a Hugging Face Hub server sends, "
+            "so it does not look like a Hub (check HF_ENDPOINT, proxy and firewall settings)"
+        )
+    return RemoteFileInfo(
+        size=meta.size, etag=meta.etag, commit=meta.commit_hash, url=meta.location or url,
+        xet=getattr(meta, "xet_file_data", None) is not None,
+    )
+
+
+def remote_file_info(repo_id: str, filename: str, revision: Optional[str] = None) -> RemoteFileInfo:
+    """Size, ETag and commit of a file on the Hub (one HEAD request through ``HF_ENDPOINT``), so a
+    GUI can show the size and ask before a large download. Offline or unreachable servers raise
+    SAMMed3DError (see :func:`cached_file` for what is already on disk)."""
+    settings = _settings()
+    if settings.offline:
+        raise SAMMed3DError(
+            f"{settings.offline_reason}: the size of {_describe(repo_id, filename, revision)} cannot be asked "
+            "for. Unset HF_HUB_OFFLINE to go online."
+        )
+    try:
+        return _fetch_metadata(repo_id, filename, revision, settings.endpoint)
+    except Exception as exc:
+        error = _hub_error(exc, repo_id=repo_id, filename=filename, revision=revision, endpoint=settings.endpoint)
+        if error is not None:
+            raise error from exc
+        if _is_unreachable(exc):
+            raise SAMMed3DError(
+                f"Cannot reach {settings.endpoint} to look up {_describe(repo_id, filename, revision)} "
+                f"({type(exc).__name__}: {exc}). Check the internet connection and proxy settings, or set "
+                "HF_ENDPOINT to a Hub mirror you can reach."
+            ) from exc
+        raise
+
+
+def cached_file(repo_id: str, filename: str, *, revision: Optional[str] = None,
+                cache_dir: Union[str, os.PathLike, None] = None) -> Optional[Path]:
+    """The cached copy of a file for ``revision`` (default ``main``), or None. No network."""
+    settings = _settings(cache_dir)
+    try:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=str(settings.cache_dir), revision=revision)
+    except (HFValidationError, ValueError):
+        return None
+    return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Progress and cancel
+# --------------------------------------------------------------------------------------------
+
+
+def _terminal_wanted() -> bool:
+    stream = sys.stderr
+    try:
+        interactive = stream is not None and stream.isatty()
+    except (AttributeError, ValueError):
+        interactive = False
+    if not interactive:
+        return False
+    try:
+        from huggingface_hub.utils import are_progress_bars_disabled
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        return True
+    return not are_progress_bars_disabled()
+
+
+def _raise_if_cancelled(cancel: Optional[threading.Event], what: str, kept: bool = False) -> None:
+    if cancel is not None and cancel.is_set():
+        raise CancelledError(
+            f"Download of {what} was cancelled."
+            + (" The part already downloaded is kept; downloading again resumes from there." if kept else "")
+        )
+
+
+class _Reporter:
+    """Progress and cancel state of one file download, driven by the tqdm class below."""
+
+    def __init__(self, what: str, callback: Optional[ProgressCallback], cancel: Optional[threading.Event],
+                 terminal: bool) -> None:
+        self.what = what
+        self.callback = callback
+        self.cancel = cancel
+        self.terminal = terminal
+        self.done = 0
+        self.total = 0
+        self.on_start: Optional[Callable[[], None]] = None
+        self.partial_kept = False
+        self.label = ""
+
+    def check(self) -> None:
+        _raise_if_cancelled(self.cancel, self.what, self.partial_kept)
+
+    def start(self, total: Optional[float], initial: Optional[float]) -> None:
+        self.total = int(total or 0)
+        self.done = int(initial or 0)
+        hook, self.on_start = self.on_start, None
+        if hook is not None:
+            hook()
+        self.emit()
+
+    def advance(self, n: Optional[float], total: Optional[float]) -> None:
+        self.check()  # before the library writes this chunk: the kept part stays a clean prefix
+        if total:
+            self.total = int(total)
+        self.done += int(n or 0)
+        self.emit()
+
+    def emit(self) -> None:
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+def _bar_class(reporter: _Reporter) -> type:
+    """A tqdm class for ``hf_hub_download(tqdm_class=...)`` that reports to ``reporter``."""
+
+    class _HubProgressBar(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)
+            kwargs["disable"] = not reporter.terminal
+            if reporter.label:
+                kwargs["desc"] = reporter.label  # the library shows the (CDN) URL otherwise
+            super().__init__(*args, **kwargs)
+            reporter.start(kwargs.get("total"), kwargs.get("initial", 0))
+
+        def update(self, n=1):
+            reporter.advance(n, self.total)
+            return super().update(n)
+
+        # Xet downloads report network bytes separately; defining these makes huggingface_hub
+        # use one bar for both (no double counting).
+        def update_transfer(self, n=1):
+            reporter.check()
+
+        def set_transfer_postfix_str(self, *args, **kwargs):
+            pass
+
+    return _HubProgressBar
+
+
+class _TerminalBar:
+    """One terminal bar over several files (bundle downloads)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled)
+        self._shown = 0
+
+    def show(self, done: int) -> None:
+        if done != self._shown:
+            self._bar.update(done - self._shown)
+            self._shown = done
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _limit_chunk_size() -> None:
+    # huggingface_hub reads the body in DOWNLOAD_CHUNK_SIZE pieces (10 MiB) and calls the bar
+    # once per piece; smaller pieces make progress and cancel responsive on slow links.
+    if getattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 0) > _CHUNK_BYTES:
+        hf_constants.DOWNLOAD_CHUNK_SIZE = _CHUNK_BYTES
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing
+# --------------------------------------------------------------------------------------------
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+_HASHES_LOCK = threading.Lock()
+
+
+def _sha256(path: Path, cancel: Optional[threading.Event] = None, what: str = "") -> str:
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    key = (real, stat.st_size, stat.st_mtime_ns)
+    with _HASHES_LOCK:
+        if key in _HASHES:
+            return _HASHES[key]
+    digest = hashlib.sha256()
+    with open(real, "rb") as f:
+        while True:
+            _raise_if_cancelled(cancel, what or str(path))
+            block = f.read(4 * 1024 * 1024)
+            if not block:
+                break
+            digest.update(block)
+    value = digest.hexdigest()
+    with _HASHES_LOCK:
+        _HASHES[key] = value
+    return value
+
+
+def _discard_cached(path: Path, blob: Optional[Path] = None) -> None:
+    """Delete a cached file: its snapshot entry and the blob behind it."""
+    targets = []
+    if path.is_symlink():
+        targets.append(Path(os.path.realpath(path)))
+    targets.append(path)
+    if blob is not None:
+        targets += [blob, blob.with_name(blob.name + _PARTIAL_SUFFIX)]
+    for target in targets:
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # pragma: no cover - permissions
+            logger.warning("Could not delete %s: %s", target, exc)
+
+
+def _check_content(path: Path, *, expected: Optional[str], server_sha: Optional[str], fresh: bool,
+                   repo_id: str, filename: str, blob: Optional[Path], cancel: Optional[threading.Event],
+                   warn_unverified: bool) -> Optional[str]:
+    """Verify a downloaded or cached file; returns its SHA-256 when it was computed."""
+    what = _describe(repo_id, filename, None)
+    want = expected or (server_sha if fresh else None)
+    if want is None and not fresh:
+        return None
+    digest = _sha256(path, cancel, what)
+    if want is not None and digest != want:
+        _discard_cached(path, blob)
+        source = "the checksum recorded in the model catalog" if expected else "the checksum the server announced"
+        raise SAMMed3DError(
+            f"{'Downloaded' if fresh else 'Cached'} file {what} is corrupt or not the expected file: its SHA-256 is "
+            f"{digest}, but {source} is {want}. The bad copy was deleted from the cache; download it again. If "
+            "this happens again, the server or mirror (HF_ENDPOINT) serves a different file: if the model was "
+            "updated upstream, update the catalog entry, or pass the path of a file you trust."
+        )
+    if expected is None and warn_unverified:
+        if server_sha is not None and digest == server_sha:
+            logger.info("%s matches the server's SHA-256 %s", what, digest)
+        else:
+            logger.warning(
+                "%s was not verified against a known checksum (none was given and the server announced none). "
+                "Its SHA-256 is %s.", what, digest,
+            )
+    return digest
+
+
+# --------------------------------------------------------------------------------------------
+# Single files
+# --------------------------------------------------------------------------------------------
+
+
+def download_file(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: Optional[str] = None,
+    sha256: Optional[str] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[threading.Event] = None,
+    cache_dir: Union[str, os.PathLike, None] = None,
+) -> Path:
+    """Download ``filename`` from Hub repo ``repo_id`` into the Hugging Face cache (or reuse the cached
+    copy) and return its local path (the snapshot path, which keeps the file name).
+
+    ``sha256``: the expected checksum; without it a new download is checked against the server's
+    LFS checksum when there is one. ``progress(done_bytes, total_bytes)`` is called from the downloading
+    thread; without it a terminal bar is shown when stderr is a terminal. ``cancel``: set the event
+    to stop; the download then raises CancelledError and keeps the partial file for the next call.
+    Offline or without a network, a cached copy is used (with a warning) if there is one.
+    """
+    path, _ = _fetch_file(
+        repo_id, filename, revision=revision, sha256=sha256, progress=progress, cancel=cancel,
+        cache_dir=cache_dir, terminal=progress is None and _terminal_wanted(), warn_unverified=True,
+    )
+    return path
+
+
+def _fetch_file(repo_id: str, filename: str, *, revision: Optional[str], sha256: Optional[str],
+                progress: Optional[ProgressCallback], cancel: Optional[threading.Event],
+                cache_dir: Union[str, os.PathLike, None], terminal: bool,
+                warn_unverified: bool) -> tuple[Path, Optional[str]]:
+    settings = _settings(cache_dir)
+    what = _describe(repo_id, filename, revision)
+    if sha256 is not None:
+        sha256 = sha256.strip().lower()
+        if not _SHA256_RE.fullmatch(sha256):
+            raise SAMMed3DError(f"Expected SHA-256 for {what} is not 64 hexadecimal digits: {sha256!r}.")
+    _raise_if_cancelled(cancel, what)
+
+    def use_cache(reason: str) -> tuple[Path, Optional[str]]:
+        found = cached_file(repo_id, filename, revision=revision, cache_dir=settings.cache_dir)
+        if found is None:
+            hint = f"`hf download {repo_id} {filename}" + (f" --revision {revision}" if revision else "") + "`"
+            raise _not_available_offline(reason, what, settings, hint)
+        logger.warning("%s: using the cached copy of %s: %s", reason, what, found)
+        digest = _check_content(found, expected=sha256, server_sha=None, fresh=False, repo_id=repo_id,
+                                filename=filename, blob=None, cancel=cancel, warn_unverified=warn_unverified)
+        _final_progress(progress, found)
+        return found, digest
+
+    if settings.offline:
+        return use_cache(settings.offline_reason)
+
+    storage = _storage_folder(settings, repo_id)
+    if revision is not None and _COMMIT_RE.fullmatch(revision):
+        pinned = storage / "snapshots" / revision / filename
+        if pinned.is_file():  # a commit never changes: no need to ask the server
+            digest = _check_content(pinned, expected=sha256, server_sha=None, fresh=False, repo_id=repo_id,
+                                    filename=filename, blob=None, cancel=cancel, warn_unverified=warn_unverified)
+            _final_progress(progress, pinned)
+            return pinned, digest
+
+    try:
+        meta = _fetch_metadata(repo_id, filename, revision, settings.endpoint)
+    except Exception as exc:
+        error = _hub_error(exc, repo_id=repo_id, filename=filename, revision=revision, endpoint=settings.endpoint)
+        if error is not None:
+            raise error from exc
+        if _is_unreachable(exc):
+            return use_cache(f"Cannot reach {settings.endpoint} ({type(exc).__name__}: {exc})")
+        raise
+
+    etag = str(meta.etag)
+    blob = storage / "blobs" / etag
+    partial = blob.with_name(etag + _PARTIAL_SUFFIX)
+    pointer = storage / "snapshots" / str(meta.commit) / filename
+    fresh = not blob.exists() and not pointer.exists()
+    server_sha = etag.lower() if _SHA256_RE.fullmatch(etag.lower()) else None
+    # hf_xet downloads Xet files itself (with its own chunk cache); the .partial files are for HTTP.
+    plain_http = not (meta.xet and _xet_available())
+
+    reporter = _Reporter(what, progress, cancel, terminal)
+    reporter.label = filename.rsplit("/", 1)[-1]
+    try:
+        if fresh and plain_http and partial.is_file():
+            _resume_partial(meta, blob, partial, settings, repo_id, reporter)
+        if fresh and plain_http and not blob.exists():
+            reporter.on_start = lambda: _keep_partial(blob, partial, reporter)
+        _limit_chunk_size()
+        path = Path(hf_hub_download(
+            repo_id, filename, revision=revision, cache_dir=str(settings.cache_dir),
+            endpoint=settings.endpoint, tqdm_class=_bar_class(reporter),
+        ))
+    except SAMMed3DError:
+        raise
+    except Exception as exc:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError(f"Download of {what} was cancelled.") from exc
+        error = _hub_error(exc, repo_id=repo_id, filename=filename, revision=revision, endpoint=settings.endpoint)
+        if error is not None:
+            raise error from exc
+        if _is_unreachable(exc) or isinstance(exc, OSError):
+            kept = partial.is_file() and partial.stat().st_size > 0
+            raise SAMMed3DError(
+                f"Download of {what} from {settings.endpoint} failed: {type(exc).__name__}: {exc}. "
+                "Check the connection and run it again"
+                + (" (it resumes from the part already downloaded)." if kept else ".")
+            ) from exc
+        if isinstance(exc, ValueError):  # e.g. a file name that leaves the repo ('../x')
+            raise SAMMed3DError(f"Cannot download {what}: {exc}") from exc
+        raise
+    finally:
+        if blob.exists():  # finished (here or by another process): the kept part is no longer needed
+            partial.unlink(missing_ok=True)
+
+    # Cancelled while the last chunk arrived (or a downloader ignored the exception): the file is
+    # cached and complete, but the caller asked to stop.
+    _raise_if_cancelled(cancel, what)
+    digest = _check_content(path, expected=sha256, server_sha=server_sha, fresh=fresh, repo_id=repo_id,
+                            filename=filename, blob=blob, cancel=cancel, warn_unverified=warn_unverified)
+    _final_progress(progress, path)
+    return path, digest
+
+
+def _xet_available() -> bool:
+    try:
+        from huggingface_hub.utils._runtime import is_xet_available
+    except ImportError:  # pragma: no cover - other huggingface_hub versions
+        return False
+    return bool(is_xet_available())
+
+
+def _final_progress(progress: Optional[ProgressCallback], path: Path) -> None:
+    if progress is not None:
+        size = os.path.getsize(path)
+        progress(size, size)
+
+
+def _keep_partial(blob: Path, partial: Path, reporter: _Reporter) -> None:
+    """Hard-link huggingface_hub's temporary download file (``<etag>.<random>.incomplete``, deleted by
+    the library when the call fails) to ``<etag>.partial``: the bytes it receives survive a cancel
+    or a crash. Called when the library creates its progress bar, right after it opened that file."""
+    candidates = [p for p in blob.parent.glob(blob.name + ".*.incomplete") if p.is_file()]
+    if not candidates:
+        return
+    newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
+    try:
+        partial.unlink(missing_ok=True)
+        os.link(newest, partial)
+        reporter.partial_kept = True
+    except OSError as exc:  # file systems without hard links: no resume across calls
+        logger.debug("Cannot keep the partial download %s: %s", newest, exc)
+
+
+def _resume_partial(meta: RemoteFileInfo, blob: Path, partial: Path, settings: _Settings, repo_id: str,
+                    reporter: _Reporter) -> None:
+    """Download the rest of ``partial`` (a Range request) and move it to ``blob``."""
+    lock = settings.cache_dir / ".locks" / repo_folder_name(repo_id=repo_id, repo_type="model") / f"{blob.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(str(lock)):
+        if blob.exists() or not partial.is_file():
+            return
+        have = partial.stat().st_size
+        if meta.size is not None and have > meta.size:
+            partial.unlink()
+            return
+        logger.info("Resuming %s at byte %d of %s", reporter.what, have, meta.size)
+        reporter.partial_kept = True
+        headers = build_hf_headers()
+        if _origin(meta.url) != _origin(settings.endpoint):
+            headers.pop("authorization", None)  # never send the token to a CDN
+        with open(partial, "ab") as f:
+            http_get(meta.url, f, resume_size=have, headers=headers, expected_size=meta.size,
+                     tqdm_class=_bar_class(reporter))
+        os.replace(partial, blob)
+
+
+def _origin(url: str) -> tuple[str, str, Optional[int]]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port
+
+
+# --------------------------------------------------------------------------------------------
+# Bundle folders (whole repos)
+# --------------------------------------------------------------------------------------------
+
+
+def download_snapshot(
+    repo_id: str,
+    *,
+    revision: Optional[str] = None,
+    allow_patterns: Union[str, Iterable[str], None] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[threading.Event] = None,
+    cache_dir: Union[str, os.PathLike, None] = None,
+) -> Path:
+    """Download the files of Hub repo ``repo_id`` (those matching ``allow_patterns``, default all) into
+    the cache and return the snapshot folder. Each file goes through :func:`download_file` (resume,
+    verification of LFS files against the listed SHA-256, cancel); ``progress`` counts the bytes of
+    all files together. Offline or without a network, a cached snapshot is used if there is one."""
+    settings = _settings(cache_dir)
+    patterns = [allow_patterns] if isinstance(allow_patterns, str) else (
+        list(allow_patterns) if allow_patterns is not None else None)
+    what = _describe(repo_id, None, revision)
+    _raise_if_cancelled(cancel, what)
+
+    def use_cache(reason: str) -> Path:
+        try:
+            folder = Path(snapshot_download(
+                repo_id, revision=revision, cache_dir=str(settings.cache_dir), local_files_only=True,
+                allow_patterns=patterns,
+            ))
+        except HFValidationError as exc:
+            raise _hub_error(exc, repo_id=repo_id, filename=None, revision=revision,
+                             endpoint=settings.endpoint) from exc
+        except (OSError, ValueError) as exc:
+            hint = f"`hf download {repo_id}" + (f" --revision {revision}" if revision else "") + "`"
+            raise _not_available_offline(reason, what, settings, hint) from exc
+        if not any(p.is_file() for p in folder.rglob("*")):
+            hint = f"`hf download {repo_id}`"
+            raise _not_available_offline(reason, what, settings, hint)
+        logger.warning("%s: using the cached copy of %s: %s", reason, what, folder)
+        return folder
+
+    if settings.offline:
+        return use_cache(settings.offline_reason)
+
+    api = HfApi(endpoint=settings.endpoint)
+    try:
+        commit = api.repo_info(repo_id, revision=revision, repo_type="model").sha
+        if not commit:
+            raise FileMetadataError(f"{settings.endpoint} did not tell the commit of {what}")
+        listing = [entry for entry in api.list_repo_tree(repo_id, revision=commit, recursive=True)
+                   if isinstance(entry, RepoFile)]  # files only, not folders
+    except Exception as exc:
+        error = _hub_error(exc, repo_id=repo_id, filename=None, revision=revision, endpoint=settings.endpoint)
+        if error is not None:
+            raise error from exc
+        if _is_unreachable(exc):
+            return use_cache(f"Cannot reach {settings.endpoint} ({type(exc).__name__}: {exc})")
+        raise
+    files = list(filter_repo_objects(listing, allow_patterns=patterns, key=lambda entry: entry.path))
+    if not files:
+        raise SAMMed3DError(
+            f"{what} on {settings.endpoint} has no files"
+            + (f" matching {patterns}" if patterns else "") + ". Check the repo id and the patterns."
+        )
+
+    grand_total = sum(int(entry.size or 0) for entry in files)
+    bar = _TerminalBar(grand_total, repo_id, enabled=progress is None and _terminal_wanted())
+    finished = 0
+    try:
+        for entry in files:
+            def file_progress(done: int, _total: int, base: int = finished) -> None:
+                bar.show(base + done)
+                if progress is not None:
+                    progress(base + done, grand_total)
+
+            lfs = getattr(entry, "lfs", None)
+            expected = getattr(lfs, "sha256", None) if lfs is not None else None
+            path, _ = _fetch_file(
+                repo_id, entry.path, revision=commit, sha256=expected, progress=file_progress, cancel=cancel,
+                cache_dir=settings.cache_dir, terminal=False, warn_unverified=False,
+            )
+            finished += os.path.getsize(path)
+    finally:
+        bar.close()
+
+    storage = _storage_folder(settings, repo_id)
+    ref = revision or "main"
+    if not _COMMIT_RE.fullmatch(ref):  # remember which commit "main" (etc.) is, for offline use
+        ref_path = storage / "refs" / ref
+        ref_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref_path.with_name(f".{ref_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(commit, encoding="utf-8")
+        os.replace(tmp, ref_path)
+    return storage / "snapshots" / commit
+
+
+# --------------------------------------------------------------------------------------------
+# Model specs
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model(
+    spec: Union[str, os.PathLike],
+    *,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[threading.Event] = None,
+    catalog: Optional[Mapping[str, CatalogEntry]] = None,
+) -> Path:
+    """The local path of a model, downloading it if needed. ``spec`` is a catalog name
+    (``sam-med3d-turbo``), a local checkpoint file (.pth/.pt/.safetensors), a local bundle folder
+    (with config.json), a Hub repo id ``owner/name`` (a bundle) or ``owner/name/path/file.pth``
+    (one checkpoint file). ``catalog`` replaces the packaged catalog."""
+    text = os.fspath(spec).strip() if isinstance(spec, (str, os.PathLike)) else None
+    if not text:
+        raise SAMMed3DError(f"No model given ({spec!r}). Give a catalog name, a local path or a Hub repo id.")
+    entries = load_catalog() if catalog is None else dict(catalog)
+    if text in entries:
+        return _resolve_entry(entries[text], progress=progress, cancel=cancel)
+
+    local = Path(os.path.expanduser(text))
+    if local.exists():
+        return _local_model(local)
+    names = ", ".join(sorted(entries)) or "(none)"
+    form = _spec_form(text)
+    if form == "local":
+        raise SAMMed3DError(
+            f"Model file or folder not found: {local}. Check the path, or use a catalog name ({names}) "
+            "or a Hub repo id 'owner/name' (bundle) or 'owner/name/file.pth' (checkpoint)."
+        )
+    if form in ("hub-file", "hub-repo"):
+        try:
+            if form == "hub-file":
+                owner, name, filename = text.split("/", 2)
+                return download_file(f"{owner}/{name}", filename, progress=progress, cancel=cancel)
+            folder = download_snapshot(text, progress=progress, cancel=cancel)
+            return _require_bundle(folder, origin=f"Hub repository '{text}'")
+        except CancelledError:
+            raise
+        except SAMMed3DError as exc:
+            raise SAMMed3DError(
+                f"'{text}' is not a catalog name ({names}) or an existing local path, so it was looked up "
+                f"on the Hub: {exc}"
+            ) from exc
+    raise SAMMed3DError(
+        f"Unknown model '{text}': it is not a catalog name ({names}) and no such file or folder exists. "
+        "Give a catalog name, a local .pth/.safetensors file or bundle folder, or a Hub repo id "
+        "'owner/name' (bundle) or 'owner/name/file.pth' (checkpoint)."
+    )
+
+
+def _spec_form(text: str) -> str:
+    """How a spec that is neither a catalog name nor an existing path reads: local/hub-file/hub-repo/unknown."""
+    if (os.path.isabs(text) or text.startswith((".", "~")) or "\\" in text
+            or re.match(r"[A-Za-z]:", text) or "//" in text or text.endswith("/")):
+        return "local"
+    parts = text.split("/")
+    has_suffix = parts[-1].lower().endswith(CHECKPOINT_SUFFIXES)
+    if len(parts) == 1:
+        return "local" if has_suffix else "unknown"
+    if not _REPO_ID_RE.fullmatch("/".join(parts[:2])):
+        return "local"
+    if len(parts) == 2:
+        return "local" if has_suffix else "hub-repo"  # 'ckpt/model.pth' is a path, not a repo
+    return "hub-file" if has_suffix else "local"
+
+
+def _local_model(path: Path) -> Path:
+    path = path.resolve()
+    if path.is_dir():
+        return _require_bundle(path, origin=f"Folder {path}")
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise SAMMed3DError(
+            f"{path} is not a checkpoint file: expected one of {', '.join(CHECKPOINT_SUFFIXES)}, "
+            "or a bundle folder with config.json."
+        )
+    return path
+
+
+def _require_bundle(folder: Path, *, origin: str) -> Path:
+    if not (folder / BUNDLE_CONFIG).is_file():
+        raise SAMMed3DError(
+            f"{origin} is not a model bundle: it has no {BUNDLE_CONFIG}. Give a bundle folder, a checkpoint "
+            "file, or 'owner/name/file.pth' for a single checkpoint file in a Hub repo."
+        )
+    return folder
+
+
+def _resolve_entry(entry: CatalogEntry, *, progress: Optional[ProgressCallback],
+                   cancel: Optional[threading.Event]) -> Path:
+    if entry.kind == "bundle":
+        folder = download_snapshot(entry.repo_id, revision=entry.revision, progress=progress, cancel=cancel)
+        return _require_bundle(folder, origin=f"Catalog model '{entry.name}' (Hub repository '{entry.repo_id}')")
+    assert entry.filename is not None
+    path, digest = _fetch_file(
+        entry.repo_id, entry.filename, revision=entry.revision, sha256=entry.sha256, progress=progress,
+        cancel=cancel, cache_dir=None, terminal=progress is None and _terminal_wanted(), warn_unverified=False,
+    )
+    if entry.sha256 is None:
+        digest = digest or _sha256(path, cancel, entry.name)
+        logger.warning(
+            "Catalog model '%s' has no recorded SHA-256, so %s was not verified against a known checksum. "
+            "Its SHA-256 is %s.", entry.name, path, digest,
+        )
+    return path
+
