@@ -16,7 +16,7 @@ from tiny_models import tiny_moe, tiny_sam
 def setup():
     torch.manual_seed(5)
     moe = tiny_moe(num_experts=2)
-    image = torch.randn(1, 1, 32, 32, 32)
+    image = torch.randn(1, 1, 64, 64, 64)
     with torch.no_grad():
         embedding = moe.encode(image)
     points = (torch.tensor([[[16.0, 12.0, 20.0], [5.0, 6.0, 7.0]]]), torch.tensor([[1, 0]]))
@@ -116,7 +116,7 @@ def test_unknown_expert_and_selector_are_explained(setup):
 def test_without_gate_is_plain_sam_med3d():
     base = tiny_sam()
     moe = SamMed3DMoE(base)
-    image = torch.randn(1, 1, 32, 32, 32)
+    image = torch.randn(1, 1, 64, 64, 64)
     points = (torch.tensor([[[10.0, 11.0, 12.0]]]), torch.tensor([[1]]))
     with torch.no_grad():
         embedding = moe.encode(image)

@@ -1,0 +1,470 @@
+"""The interactive session: a volume, a model, the user's prompts, and masks back in place.
+
+A :class:`Session` holds one volume prepared once for the model (canonical axes, 1.5 mm, CT
+clamped), the list of prompts in RAS millimetres, and a cache of image embeddings per 128³
+window, so that every click after the first in a window costs only the prompt encoder, the
+gate and the decoders that contribute. Results are returned as a boolean region of the
+ORIGINAL voxel grid plus its offset, so a caller writes only what can have changed.
+
+Clicks are replayed with SAM-Med3D's training protocol by default: step k gives the decoder the
+k-th prompt and the low-res logits of step k-1 (``protocol="newest"``); ``"accumulate"`` gives
+all prompts so far. Step results are memoised, so adding a click runs one step, and undoing or
+removing a prompt replays only from the first changed step.
+
+Objects larger than one window: when the mask touches a window face that is not the volume's
+edge, the session continues in the neighbouring window (50 % overlap, as the SAM-Med3D paper
+does), seeded with the mask found so far and a positive point inside it, until the object closes
+or ``max_windows`` is reached.
+
+:class:`SessionWorker` runs model work on one persistent thread for GUIs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import geometry
+from .device import select_device
+from .errors import CancelledError, SAMMed3DError
+from .geometry import PreparedVolume, Volume, Window
+from .moe import AUTO, GENERAL, Prediction, SamMed3DMoE, probability_to_logits
+
+PROTOCOLS = ("newest", "accumulate")
+
+
+@dataclass(frozen=True)
+class Point:
+    """A click in RAS mm; ``positive`` False for a background click."""
+
+    ras: Tuple[float, float, float]
+    positive: bool = True
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box in RAS mm, given by two opposite corners."""
+
+    ras_min: Tuple[float, float, float]
+    ras_max: Tuple[float, float, float]
+
+
+@dataclass
+class SessionResult:
+    """What :meth:`Session.predict` returns."""
+
+    region: np.ndarray
+    """Boolean mask on the original grid, covering ``offset`` .. ``offset + region.shape``."""
+    offset: Tuple[int, int, int]
+    decoders: List[str]
+    """Decoders that ran for the last step of the first window ("general", expert names)."""
+    weights: Dict[str, float]
+    scores: Optional[Dict[str, float]]
+    """Gate scores (None without experts)."""
+    windows: List[Tuple[int, int, int]]
+    """Prepared-grid start index of each window used, the prompt's window first."""
+    timings_ms: Dict[str, float] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+    """Things the user should know (e.g. a box emulated on a model without box prompts)."""
+
+    def full_mask(self, shape: Sequence[int]) -> np.ndarray:
+        """The region pasted into an all-False array of the original grid's ``shape``."""
+        out = np.zeros(tuple(shape), dtype=bool)
+        o = self.offset
+        r = self.region
+        out[o[0]:o[0] + r.shape[0], o[1]:o[1] + r.shape[1], o[2]:o[2] + r.shape[2]] = r
+        return out
+
+
+class Session:
+    """Interactive segmentation of one volume with one model (see the module docstring)."""
+
+    def __init__(
+        self,
+        volume: Volume,
+        model: SamMed3DMoE,
+        *,
+        device=None,
+        modality: str = "auto",
+        protocol: str = "newest",
+        expert: str = AUTO,
+        max_windows: int = 8,
+        cache_bytes: int = 512 * 2 ** 20,
+        cpu_fallback: bool = True,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise SAMMed3DError(f"unknown click protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+        if not isinstance(model, SamMed3DMoE):
+            model = SamMed3DMoE(model)
+        self.device = select_device(device)
+        self.model = model.to(self.device).eval()
+        self.dtype = next(self.model.parameters()).dtype
+        self.protocol = protocol
+        self.expert = expert
+        self.max_windows = int(max_windows)
+        self.cache_bytes = int(cache_bytes)
+        self.cpu_fallback = cpu_fallback
+        self.window_size = self.model.base.img_size
+        self._lowres = self.model.base.prompt_encoder.mask_input_size
+        start = time.perf_counter()
+        self.prepared: PreparedVolume = geometry.prepare_volume(volume, modality=modality)
+        self.prepare_ms = (time.perf_counter() - start) * 1e3
+        self._prompts: List[Tuple[int, object]] = []
+        self._history: List[List[Tuple[int, object]]] = []
+        self._ids = itertools.count(1)
+        self._embeddings: "OrderedDict[Tuple[int, int, int], torch.Tensor]" = OrderedDict()
+        self._steps: Dict[Tuple[int, int, int], List[Tuple[tuple, Prediction]]] = {}
+        self.notes: List[str] = []
+
+    # ------------------------------------------------------------------ prompts
+    @property
+    def volume(self) -> Volume:
+        return self.prepared.source
+
+    @property
+    def prompts(self) -> List[Tuple[int, object]]:
+        """(id, Point or Box) in the order given."""
+        return list(self._prompts)
+
+    def add_point(self, ras, positive: bool = True) -> int:
+        """Add a click at RAS mm; returns its id. A point off the volume is refused."""
+        point = Point(tuple(float(v) for v in np.asarray(ras, dtype=float).reshape(3)), bool(positive))
+        self._check_on_volume(point.ras)
+        return self._push(point)
+
+    def add_point_ijk(self, ijk, positive: bool = True) -> int:
+        """Add a click given as voxel indices of the original volume."""
+        return self.add_point(self.volume.ijk_to_ras(np.asarray(ijk, dtype=float).reshape(1, 3))[0], positive)
+
+    def set_box(self, ras_min, ras_max) -> int:
+        """Set the box prompt (replacing an earlier box); returns its id."""
+        lo = np.minimum(np.asarray(ras_min, float).reshape(3), np.asarray(ras_max, float).reshape(3))
+        hi = np.maximum(np.asarray(ras_min, float).reshape(3), np.asarray(ras_max, float).reshape(3))
+        extent_vox = np.abs(np.linalg.inv(self.prepared.affine[:3, :3]) @ (hi - lo))
+        if np.any(extent_vox < 1.0):
+            raise SAMMed3DError(
+                f"the box {lo.round(1).tolist()}..{hi.round(1).tolist()} mm has (almost) zero extent on at "
+                f"least one axis; drag it over the object in all three directions"
+            )
+        geometry.window_for_box(self.prepared, lo, hi, self.window_size)  # refuses a box off the volume
+        self._save_history()
+        self._prompts = [(i, p) for i, p in self._prompts if not isinstance(p, Box)]
+        box_id = next(self._ids)
+        self._prompts.append((box_id, Box(tuple(lo), tuple(hi))))
+        return box_id
+
+    def remove_prompt(self, prompt_id: int) -> None:
+        if prompt_id not in [i for i, _ in self._prompts]:
+            raise SAMMed3DError(f"no prompt with id {prompt_id}; current ids: {[i for i, _ in self._prompts]}")
+        self._save_history()
+        self._prompts = [(i, p) for i, p in self._prompts if i != prompt_id]
+
+    def undo(self) -> bool:
+        """Undo the last prompt change; False when there is nothing to undo."""
+        if not self._history:
+            return False
+        self._prompts = self._history.pop()
+        return True
+
+    def reset(self) -> None:
+        """Forget all prompts (the embedding cache stays: the image did not change)."""
+        self._save_history()
+        self._prompts = []
+
+    def _push(self, prompt) -> int:
+        self._save_history()
+        prompt_id = next(self._ids)
+        self._prompts.append((prompt_id, prompt))
+        return prompt_id
+
+    def _save_history(self) -> None:
+        self._history.append(list(self._prompts))
+        del self._history[:-100]
+
+    def _check_on_volume(self, ras) -> None:
+        ijk = self.volume.ras_to_ijk(np.asarray(ras, dtype=float).reshape(1, 3))[0]
+        shape = np.asarray(self.volume.shape)
+        if np.any(ijk < -0.5) or np.any(ijk > shape - 0.5):
+            raise SAMMed3DError(
+                f"the point {np.round(ras, 1).tolist()} (RAS mm) lies outside the volume "
+                f"(voxel {np.round(ijk, 1).tolist()} of a {shape.tolist()} grid); place it on the image"
+            )
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, cancel: Optional[threading.Event] = None) -> SessionResult:
+        """Segment the current prompts. Raises SAMMed3DError when there is nothing to segment."""
+        points = [p for _, p in self._prompts if isinstance(p, Point)]
+        boxes = [p for _, p in self._prompts if isinstance(p, Box)]
+        if not boxes and not any(p.positive for p in points):
+            raise SAMMed3DError(
+                "only negative (background) points are placed; add a positive point on the object, or a box"
+            )
+        timings = {"prepare": self.prepare_ms, "encode": 0.0, "decode": 0.0, "map_back": 0.0}
+        self.prepare_ms = 0.0  # counted once, in the first prediction
+        notes: List[str] = []
+        box = boxes[0] if boxes else None
+        if box is not None:
+            first = geometry.window_for_box(self.prepared, box.ras_min, box.ras_max, self.window_size)
+        else:
+            first_positive = next(p for p in points if p.positive)
+            first = geometry.window_for_point(self.prepared, first_positive.ras, self.window_size)
+        steps = self._prompt_steps(first, points, box, notes)
+        prediction = self._replay(first, steps, timings, cancel)
+
+        regions = []
+        windows = [first]
+        window_logits = {first.start: prediction.logits}
+        queue = [first]
+        while queue:
+            window = queue.pop(0)
+            logits = window_logits[window.start]
+            start = time.perf_counter()
+            region, offset = geometry.map_back(logits[0, 0], self.prepared, window)
+            if box is not None and not self.model.base.box_prompts:
+                region = self._clip_to_box(region, offset, box)
+            regions.append((region, offset))
+            timings["map_back"] += (time.perf_counter() - start) * 1e3
+            for neighbour, seed in self._neighbours(window, logits, windows):
+                if len(windows) >= self.max_windows:
+                    notes.append(
+                        f"the object reaches past {self.max_windows} windows; the mask stops there "
+                        "(raise max_windows to follow it further)"
+                    )
+                    queue = []
+                    break
+                self._check_cancel(cancel)
+                windows.append(neighbour)
+                seeded = self._seed_prediction(neighbour, seed, timings, cancel)
+                window_logits[neighbour.start] = seeded.logits
+                queue.append(neighbour)
+        start = time.perf_counter()
+        region, offset = _union(regions)
+        timings["map_back"] += (time.perf_counter() - start) * 1e3
+        return SessionResult(
+            region=region,
+            offset=offset,
+            decoders=prediction.decoders,
+            weights=prediction.weights,
+            scores=prediction.scores,
+            windows=[w.start for w in windows],
+            timings_ms={k: round(v, 2) for k, v in timings.items()},
+            notes=sorted(set(self.notes + notes)),
+        )
+
+    def _prompt_steps(self, window: Window, points: List[Point], box: Optional[Box], notes: List[str]) -> List[tuple]:
+        """One (coords, labels, box) triple per replay step, in window voxel indices."""
+        box_window = None
+        if box is not None:
+            # all 8 corners: on an oblique grid two opposite RAS corners are not the extremes
+            lo, hi = box.ras_min, box.ras_max
+            corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+            corners = geometry.ras_to_window(self.prepared, window, corners)
+            box_window = (tuple(corners.min(axis=0)), tuple(corners.max(axis=0)))
+            if not self.model.base.box_prompts:
+                notes.append(
+                    "this model has no box prompt; the box is used as a positive point at its centre "
+                    "and the mask is limited to the box"
+                )
+                centre = (np.asarray(box.ras_min) + np.asarray(box.ras_max)) / 2
+                points = [Point(tuple(centre), True)] + points
+                box_window = None
+        coords = [tuple(geometry.ras_to_window(self.prepared, window, np.array([p.ras]))[0]) for p in points]
+        labels = [1 if p.positive else 0 for p in points]
+        if not coords:  # a box alone is one step
+            return [((), (), box_window)]
+        steps = []
+        for k in range(len(coords)):
+            chosen = slice(k, k + 1) if self.protocol == "newest" else slice(0, k + 1)
+            steps.append((tuple(coords[chosen]), tuple(labels[chosen]), box_window))
+        return steps
+
+    def _replay(self, window: Window, steps: List[tuple], timings: dict, cancel) -> Prediction:
+        """Run the steps in ``window``, reusing memoised results of an unchanged prefix."""
+        memo = self._steps.setdefault((window.start, self.expert, self.protocol), [])
+        embedding = self._embedding(window, timings, cancel)
+        keep = 0
+        while keep < min(len(memo), len(steps)) and memo[keep][0] == steps[keep]:
+            keep += 1
+        del memo[keep:]
+        for k in range(keep, len(steps)):
+            self._check_cancel(cancel)
+            mask = memo[k - 1][1].logits if k else torch.zeros((1, 1) + self._lowres, dtype=self.dtype, device=self.device)
+            memo.append((steps[k], self._decode(embedding, steps[k], mask, timings)))
+        return memo[-1][1]
+
+    def _decode(self, embedding: torch.Tensor, step: tuple, mask: torch.Tensor, timings: dict) -> Prediction:
+        coords, labels, box = step
+        start = time.perf_counter()
+        points = None
+        if coords:
+            points = (
+                torch.tensor([coords], dtype=self.dtype, device=self.device),
+                torch.tensor([labels], dtype=torch.long, device=self.device),
+            )
+        boxes = None
+        if box is not None:
+            boxes = torch.tensor(np.stack(box)[None], dtype=self.dtype, device=self.device)
+        with torch.inference_mode():
+            prediction = self.model.predict(embedding, points=points, boxes=boxes, mask_logits=mask, expert=self.expert)
+        timings["decode"] += (time.perf_counter() - start) * 1e3
+        return prediction
+
+    def _embedding(self, window: Window, timings: dict, cancel) -> torch.Tensor:
+        cached = self._embeddings.get(window.start)
+        if cached is not None:
+            self._embeddings.move_to_end(window.start)
+            return cached
+        self._check_cancel(cancel)
+        start = time.perf_counter()
+        array = geometry.extract_window(self.prepared, window)
+        image = torch.from_numpy(array)[None, None].to(self.device, self.dtype)
+        embedding = self._encode(image)
+        timings["encode"] += (time.perf_counter() - start) * 1e3
+        self._embeddings[window.start] = embedding
+        while len(self._embeddings) > 1 and sum(e.numel() * e.element_size() for e in self._embeddings.values()) > self.cache_bytes:
+            self._embeddings.popitem(last=False)
+        return embedding
+
+    def _encode(self, image: torch.Tensor) -> torch.Tensor:
+        try:
+            with torch.inference_mode():
+                return self.model.encode(image)
+        except torch.cuda.OutOfMemoryError:
+            if not self.cpu_fallback or self.device.type == "cpu":
+                raise SAMMed3DError(
+                    "the GPU ran out of memory while encoding the image; close other GPU programs or use --device cpu"
+                ) from None
+            message = "the GPU ran out of memory; continuing on the CPU (slower)"
+            warnings.warn(message)
+            self.notes.append(message)
+            torch.cuda.empty_cache()
+            self.device = torch.device("cpu")
+            self.model.to(self.device)
+            self._embeddings = OrderedDict((k, v.to(self.device)) for k, v in self._embeddings.items())
+            self._steps.clear()
+            with torch.inference_mode():
+                return self.model.encode(image.to(self.device))
+
+    # ------------------------------------------------------------------ windows beyond the first
+    def _neighbours(self, window: Window, logits: torch.Tensor, used: List[Window]):
+        """Windows (50 % overlap) across faces that the mask touches and that are not the
+        volume's edge, each with the mask found so far as its seed."""
+        size = self.window_size
+        mask = F.interpolate(logits.float(), size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0] > 0
+        shape = self.prepared.shape
+        used_starts = {w.start for w in used}
+        for axis in range(3):
+            for side, face in ((-1, 0), (1, size - 1)):
+                if not bool(mask.select(axis, face).any()):
+                    continue
+                if (side < 0 and window.start[axis] <= 0) or (side > 0 and window.stop[axis] >= shape[axis]):
+                    continue  # the face is the volume's edge: the object ends there
+                start = list(window.start)
+                start[axis] += side * size // 2
+                neighbour = Window(tuple(start), size)
+                if neighbour.start in used_starts:
+                    continue
+                used_starts.add(neighbour.start)
+                yield neighbour, (window, logits)
+
+    def _seed_prediction(self, window: Window, seed: Tuple[Window, torch.Tensor], timings: dict, cancel) -> Prediction:
+        """Predict in a neighbouring window from the previous window's mask: its logits moved
+        into this window as the mask prompt, and a positive point at the mask's centre in the
+        overlap."""
+        previous, logits = seed
+        size = self.window_size
+        full = F.interpolate(logits.float(), size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0]
+        shift = [w - p for w, p in zip(window.start, previous.start)]
+        moved = torch.full((size,) * 3, -20.0, device=full.device)
+        src = tuple(slice(max(0, s), size + min(0, s)) for s in shift)
+        dst = tuple(slice(max(0, -s), size - max(0, s)) for s in shift)
+        moved[dst] = full[src]
+        mask_prompt = F.interpolate(moved[None, None], size=self._lowres, mode="trilinear", align_corners=False)
+        inside = torch.nonzero(moved > 0).float()
+        centre = inside.mean(0)
+        point = inside[(inside - centre).norm(dim=1).argmin()]
+        step = ((tuple(point.tolist()),), (1,), None)
+        embedding = self._embedding(window, timings, cancel)
+        return self._decode(embedding, step, mask_prompt.to(self.dtype), timings)
+
+    def _clip_to_box(self, region: np.ndarray, offset, box: Box) -> np.ndarray:
+        """Limit a region to the voxels whose centres lie in the RAS box."""
+        idx = np.stack(np.meshgrid(*[np.arange(n) + o for n, o in zip(region.shape, offset)], indexing="ij"), -1)
+        ras = self.volume.ijk_to_ras(idx.reshape(-1, 3)).reshape(idx.shape)
+        inside = np.all((ras >= np.asarray(box.ras_min) - 1e-6) & (ras <= np.asarray(box.ras_max) + 1e-6), axis=-1)
+        return region & inside
+
+    @staticmethod
+    def _check_cancel(cancel: Optional[threading.Event]) -> None:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("the segmentation was cancelled")
+
+
+def _union(regions: List[Tuple[np.ndarray, Tuple[int, int, int]]]) -> Tuple[np.ndarray, Tuple[int, int, int]]:
+    """OR of boxed regions, in their common bounding box."""
+    if len(regions) == 1:
+        return regions[0][0], tuple(regions[0][1])
+    lo = np.min([o for _, o in regions], axis=0)
+    hi = np.max([np.asarray(o) + r.shape for r, o in regions], axis=0)
+    out = np.zeros(tuple(hi - lo), dtype=bool)
+    for region, offset in regions:
+        o = np.asarray(offset) - lo
+        out[o[0]:o[0] + region.shape[0], o[1]:o[1] + region.shape[1], o[2]:o[2] + region.shape[2]] |= region
+    return out, tuple(int(v) for v in lo)
+
+
+class SessionWorker:
+    """One persistent thread that runs model work for a GUI (CUDA state is per thread).
+
+    ``submit(fn, *args, key=...)`` returns a ``concurrent.futures.Future``; a newer job with the
+    same key supersedes a stale one that has not started (its future is cancelled). Jobs that
+    accept a ``cancel`` keyword get a ``threading.Event`` set by :meth:`cancel_all` or by a
+    superseding job, so long work (several windows) stops between steps.
+    """
+
+    def __init__(self) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sammed3d-worker")
+        self._pending: Dict[object, Tuple[concurrent.futures.Future, threading.Event]] = {}
+        self._lock = threading.RLock()  # done-callbacks may run inside submit()
+
+    def submit(self, fn: Callable, *args, key: object = None, pass_cancel: bool = False, **kwargs) -> concurrent.futures.Future:
+        """Queue ``fn(*args, **kwargs)``; with ``pass_cancel`` it also gets ``cancel=Event``."""
+        event = threading.Event()
+        if pass_cancel:
+            kwargs["cancel"] = event
+        with self._lock:
+            if key is not None and key in self._pending:
+                old_future, old_event = self._pending[key]
+                old_event.set()
+                old_future.cancel()
+            future = self._executor.submit(fn, *args, **kwargs)
+            if key is not None:
+                self._pending[key] = (future, event)
+                future.add_done_callback(lambda f, key=key: self._forget(key, f))
+        return future
+
+    def _forget(self, key, future) -> None:
+        with self._lock:
+            if key in self._pending and self._pending[key][0] is future:
+                del self._pending[key]
+
+    def cancel_all(self) -> None:
+        """Cancel queued jobs and ask running ones to stop."""
+        with self._lock:
+            for future, event in self._pending.values():
+                event.set()
+                future.cancel()
+
+    def shutdown(self) -> None:
+        self.cancel_all()
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,225 @@
+"""The interactive session on the real example CT: prompts in RAS, masks back on the original
+grid, the embedding cache, click replay protocols, undo, windows beyond the first, bad input,
+and the worker thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from SAMMed3DMoELib import geometry
+from SAMMed3DMoELib.errors import CancelledError, SAMMed3DError
+from SAMMed3DMoELib.moe import SamMed3DMoE
+from SAMMed3DMoELib.session import Session, SessionWorker
+from tiny_models import constant_mask_decoder, tiny_moe, tiny_sam
+
+
+@pytest.fixture(scope="module")
+def ct(shared_data_dir):
+    return geometry.load_volume(shared_data_dir / "example_ct_sm.nii.gz")
+
+
+def _counter(module):
+    calls = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def _centre_ras(volume, ijk=(60, 50, 15)):
+    return volume.ijk_to_ras(np.array([ijk], dtype=float))[0]
+
+
+def test_clicks_reuse_the_window_embedding_and_run_one_step_each(ct):
+    session = Session(ct, tiny_moe(), device="cpu", max_windows=1)
+    encodes = _counter(session.model.base.image_encoder)
+    prompt_encodes = _counter(session.model.base.prompt_encoder)
+    centre = _centre_ras(ct)
+    session.add_point(centre)
+    first = session.predict()
+    assert len(encodes) == 1 and len(prompt_encodes) >= 1
+    steps_before = len(prompt_encodes)
+    session.add_point(centre + np.array([6.0, 0, 0]), positive=False)
+    second = session.predict()
+    assert len(encodes) == 1, "the second click in the same window must not re-encode"
+    assert second.timings_ms["encode"] == 0.0
+    assert len(prompt_encodes) - steps_before == 1, "adding a click replays only the new step"
+    for result in (first, second):
+        assert result.region.dtype == bool
+        assert all(o >= 0 for o in result.offset)
+        assert all(o + n <= s for o, n, s in zip(result.offset, result.region.shape, ct.shape))
+        assert result.decoders[0] == "general" and set(result.scores) == {"general", "expert1", "expert2"}
+
+
+def test_newest_protocol_matches_a_manual_replay(ct):
+    moe = tiny_moe()
+    session = Session(ct, moe, device="cpu", max_windows=1)
+    a, b = _centre_ras(ct), _centre_ras(ct, (58, 55, 14))
+    session.add_point(a)
+    session.add_point(b, positive=False)
+    result = session.predict()
+
+    prepared = session.prepared
+    window = geometry.window_for_point(prepared, a, moe.base.img_size)
+    image = torch.from_numpy(geometry.extract_window(prepared, window))[None, None]
+    coords = geometry.ras_to_window(prepared, window, np.array([a, b]))
+    with torch.no_grad():
+        embedding = moe.encode(image)
+        mask = torch.zeros(1, 1, 16, 16, 16)
+        for point, label in zip(coords, (1, 0)):
+            pts = (torch.tensor(np.array([[point]]), dtype=torch.float32), torch.tensor([[label]]))
+            mask = moe.predict(embedding, points=pts, mask_logits=mask).logits
+    expected, offset = geometry.map_back(mask[0, 0], prepared, window)
+    assert tuple(offset) == tuple(result.offset)
+    assert np.array_equal(expected, result.region)
+
+
+def test_accumulate_protocol_gives_all_points(ct):
+    moe = tiny_moe()
+    newest = Session(ct, moe, device="cpu", max_windows=1)
+    accumulate = Session(ct, moe, device="cpu", max_windows=1, protocol="accumulate")
+    for s in (newest, accumulate):
+        s.add_point(_centre_ras(ct))
+        s.add_point(_centre_ras(ct, (50, 40, 12)))
+    assert not np.array_equal(newest.predict().region, accumulate.predict().region)
+
+
+def test_undo_remove_and_reset(ct):
+    session = Session(ct, tiny_moe(), device="cpu", max_windows=1)
+    session.add_point(_centre_ras(ct))
+    one = session.predict().region.copy()
+    negative = session.add_point(_centre_ras(ct, (62, 52, 15)), positive=False)
+    two = session.predict().region.copy()
+    assert not np.array_equal(one, two)
+    assert session.undo()
+    assert np.array_equal(session.predict().region, one)
+    negative = session.add_point(_centre_ras(ct, (62, 52, 15)), positive=False)
+    session.remove_prompt(negative)
+    assert np.array_equal(session.predict().region, one)
+    session.reset()
+    with pytest.raises(SAMMed3DError, match="positive point"):
+        session.predict()
+    assert session.undo() and len(session.prompts) == 1
+    with pytest.raises(SAMMed3DError, match="no prompt with id"):
+        session.remove_prompt(999)
+
+
+def test_bad_prompts_are_explained(ct):
+    session = Session(ct, tiny_moe(), device="cpu")
+    with pytest.raises(SAMMed3DError, match="outside the volume"):
+        session.add_point(_centre_ras(ct) + np.array([0, 0, 500.0]))
+    session.add_point(_centre_ras(ct), positive=False)
+    with pytest.raises(SAMMed3DError, match="only negative"):
+        session.predict()
+    corner = _centre_ras(ct)
+    with pytest.raises(SAMMed3DError, match="zero extent"):
+        session.set_box(corner, corner + np.array([20.0, 20.0, 0.0]))
+    with pytest.raises(SAMMed3DError, match="protocol"):
+        Session(ct, tiny_moe(), device="cpu", protocol="all")
+
+
+def _constant_model(logit: float) -> SamMed3DMoE:
+    base = tiny_sam()
+    constant_mask_decoder(base.mask_decoder, logit)
+    return SamMed3DMoE(base)
+
+
+def test_object_larger_than_a_window_extends_until_the_volume_edge(ct):
+    session = Session(ct, _constant_model(8.0), device="cpu", max_windows=64)
+    session.add_point(_centre_ras(ct))
+    result = session.predict()
+    assert len(result.windows) > 1
+    # the "object" fills everything: the union of windows must cover the whole volume
+    assert result.full_mask(ct.shape).all()
+    starts = np.array(result.windows)
+    for k in range(1, len(starts)):  # each new window is half a window from an earlier one
+        nearest = np.abs(starts[:k] - starts[k]).sum(-1).min()
+        assert nearest == session.window_size // 2, "neighbours overlap by 50 %"
+
+
+def test_extension_stops_at_the_window_limit_with_a_note(ct):
+    session = Session(ct, _constant_model(8.0), device="cpu", max_windows=2)
+    session.add_point(_centre_ras(ct))
+    result = session.predict()
+    assert len(result.windows) == 2
+    assert any("max_windows" in note for note in result.notes)
+    assert not result.full_mask(ct.shape).all()
+
+
+def test_closed_object_stays_in_one_window(ct):
+    session = Session(ct, _constant_model(-8.0), device="cpu")
+    session.add_point(_centre_ras(ct))
+    result = session.predict()
+    assert len(result.windows) == 1 and not result.region.any()
+
+
+def test_box_on_a_model_without_box_prompts_is_a_centre_click_limited_to_the_box(ct):
+    base = tiny_sam(box_prompts=False)
+    constant_mask_decoder(base.mask_decoder, 8.0)
+    session = Session(ct, SamMed3DMoE(base), device="cpu", max_windows=1)
+    lo, hi = _centre_ras(ct, (50, 40, 10)), _centre_ras(ct, (70, 60, 20))
+    session.set_box(lo, hi)
+    result = session.predict()
+    assert any("no box prompt" in note for note in result.notes)
+    mask = result.full_mask(ct.shape)
+    ijk_lo = np.minimum(ct.ras_to_ijk(np.array([lo]))[0], ct.ras_to_ijk(np.array([hi]))[0]).round().astype(int)
+    ijk_hi = np.maximum(ct.ras_to_ijk(np.array([lo]))[0], ct.ras_to_ijk(np.array([hi]))[0]).round().astype(int)
+    inside = np.zeros_like(mask)
+    inside[ijk_lo[0]:ijk_hi[0] + 1, ijk_lo[1]:ijk_hi[1] + 1, ijk_lo[2]:ijk_hi[2] + 1] = True
+    assert mask.any() and not (mask & ~inside).any()
+    assert inside.sum() == mask.sum()
+
+
+def test_box_prompt_reaches_a_box_model(ct):
+    moe = tiny_moe()
+    seen = []
+    moe.base.prompt_encoder.register_forward_hook(lambda _m, _a, kwargs, _o: seen.append(kwargs.get("boxes")), with_kwargs=True)
+    session = Session(ct, moe, device="cpu", max_windows=1)
+    session.set_box(_centre_ras(ct, (50, 40, 10)), _centre_ras(ct, (70, 60, 20)))
+    result = session.predict()
+    assert seen and seen[-1] is not None and seen[-1].shape == (1, 2, 3)
+    assert not any("box" in note for note in result.notes)
+
+
+def test_worker_supersedes_stale_jobs_and_cancels():
+    worker = SessionWorker()
+    release = threading.Event()
+    try:
+        blocker = worker.submit(release.wait, 5)
+        stale = worker.submit(lambda: "stale", key="click")
+        fresh = worker.submit(lambda: "fresh", key="click")
+        assert stale.cancelled()
+        release.set()
+        assert fresh.result(timeout=5) == "fresh" and blocker.result(timeout=5)
+
+        started = threading.Event()
+
+        def long_job(cancel):
+            started.set()
+            for _ in range(500):
+                if cancel.is_set():
+                    raise CancelledError("cancelled")
+                time.sleep(0.01)
+            return "finished"
+
+        job = worker.submit(long_job, key="k", pass_cancel=True)
+        assert started.wait(5)
+        worker.cancel_all()
+        with pytest.raises(CancelledError):
+            job.result(timeout=5)
+        # the caller's thread never ran model work
+        assert threading.current_thread() is threading.main_thread()
+    finally:
+        worker.shutdown()
+
+
+def test_session_predict_honours_cancel(ct):
+    session = Session(ct, tiny_moe(), device="cpu")
+    session.add_point(_centre_ras(ct))
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CancelledError):
+        session.predict(cancel=cancel)
