@@ -29,6 +29,7 @@ hangs over is zero before normalisation (as torchio's ``CropOrPad``).
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ __all__ = [
     "window_for_point",
     "window_for_box",
     "extract_window",
+    "extract_window_tensor",
     "ras_to_window",
     "region_bbox",
     "map_back",
@@ -588,6 +590,17 @@ class PreparedVolume:
         """4x4 matrix: original-grid voxel index -> prepared-grid voxel index."""
         return np.linalg.inv(self.affine) @ self.source.affine
 
+    def tensor(self, device) -> torch.Tensor:
+        """The prepared array as a float32 tensor on ``device``, made once and kept there (on
+        the CPU it shares the numpy array's memory)."""
+        device = torch.device(device)
+        cached = self.__dict__.get("_tensor")
+        same = cached is not None and cached.device.type == device.type and device.index in (None, cached.device.index)
+        if not same:
+            cached = torch.from_numpy(np.ascontiguousarray(self.array, dtype=np.float32)).to(device)
+            self.__dict__["_tensor"] = cached
+        return cached
+
 
 def _target_spacing(spacing) -> np.ndarray:
     s = np.asarray(spacing, dtype=np.float64)
@@ -633,12 +646,17 @@ def _float32_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def prepare_volume(
-    volume: Volume, spacing: Union[float, Sequence[float]] = DEFAULT_SPACING, modality: str = "auto"
+    volume: Volume,
+    spacing: Union[float, Sequence[float]] = DEFAULT_SPACING,
+    modality: str = "auto",
+    *,
+    slab_voxels: int = 1 << 26,
 ) -> PreparedVolume:
     """Reorient ``volume`` to the closest canonical RAS+ axis order, clamp CT to [-1000, 1000] HU
     and resample linearly to ``spacing`` mm (see the module docstring for the exact grid).
 
-    ``modality``: "auto" (detect with :func:`is_ct`), "CT" or "MR"."""
+    ``modality``: "auto" (detect with :func:`is_ct`), "CT" or "MR". The volume is converted in
+    slabs of about ``slab_voxels`` source voxels (256 MB of float32 by default)."""
     if not isinstance(volume, Volume):
         raise SAMMed3DError(f"prepare_volume needs a Volume, got {type(volume).__name__}.")
     mod = str(modality).strip().upper()
@@ -658,39 +676,60 @@ def prepare_volume(
     S[:3, 3] = 0.5 * ratio - 0.5
     affine = can_affine @ S
 
-    x = _float32_tensor(volume.array)
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        n_bad = int(x.numel() - finite.sum())
-        if n_bad == x.numel():
-            raise SAMMed3DError("every voxel of the volume is NaN or infinite: nothing to segment.")
-        vmin = float(x[finite].min())
-        x[~finite] = vmin
-        warnings.warn(
-            f"{n_bad} voxel(s) were NaN or infinite; replaced by the minimum finite value "
-            f"({vmin:g}).",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    del finite
-    if float(x.min()) == float(x.max()):
-        raise SAMMed3DError(
-            f"the image is constant (all voxels = {float(x.min()):g}): nothing to segment."
-        )
-    if ct:
-        x.clamp_(*CT_CLAMP)
+    fill = _finite_fill_value(volume.array)
+    # Work in slabs along the longest prepared axis, so that a volume too large to convert to
+    # float32 at once is still prepared: peak memory is the result plus one slab.
+    out = np.empty(tuple(int(n) for n in new_shape), dtype=np.float32)
+    coords = []
+    for a in range(3):
+        c = (np.arange(new_shape[a], dtype=np.float64) + 0.5) * ratio[a] - 0.5
+        coords.append((can_shape[a] - 1) - c if flips[a] else c)
+    chunk_axis = int(np.argmax(new_shape))
+    src_axis = axes[chunk_axis]
+    plane_voxels = int(np.prod(volume.shape)) // volume.shape[src_axis]
+    rows = max(1, int(slab_voxels // max(1, plane_voxels * ratio[chunk_axis])))
+    order = sorted(range(3), key=lambda a: new_shape[a] / can_shape[a])  # shrinking axes first
+    for m0 in range(0, int(new_shape[chunk_axis]), rows):
+        m1 = min(int(new_shape[chunk_axis]), m0 + rows)
+        c = np.clip(coords[chunk_axis][m0:m1], 0, can_shape[chunk_axis] - 1)
+        lo, hi = int(np.floor(c.min())), min(int(np.floor(c.max())) + 2, int(can_shape[chunk_axis]))
+        index = [slice(None)] * 3
+        index[src_axis] = slice(lo, hi)
+        x = _float32_tensor(volume.array[tuple(index)])
+        if fill is not None:
+            x = torch.nan_to_num(x, nan=fill, posinf=fill, neginf=fill)
+        if ct:
+            x.clamp_(*CT_CLAMP)
+        for a in order:
+            sample = coords[chunk_axis][m0:m1] - lo if a == chunk_axis else coords[a]
+            x = _resample_linear_1d(x, axes[a], sample)
+        index = [slice(None)] * 3
+        index[chunk_axis] = slice(m0, m1)
+        out[tuple(index)] = x.permute(*axes).numpy()
+    return PreparedVolume(array=out, affine=affine, source=volume, is_ct=bool(ct))
 
-    # Separable resampling in the source's own axis order; flips are folded into the sample
-    # coordinates, so no flipped copy is made. Shrinking axes go first (smaller intermediates).
-    order = sorted(range(3), key=lambda a: new_shape[a] / can_shape[a])
-    for a in order:
-        m = np.arange(new_shape[a], dtype=np.float64)
-        c = (m + 0.5) * ratio[a] - 0.5
-        if flips[a]:
-            c = (can_shape[a] - 1) - c
-        x = _resample_linear_1d(x, axes[a], c)
-    x = x.permute(*axes).contiguous()
-    return PreparedVolume(array=x.numpy(), affine=affine, source=volume, is_ct=bool(ct))
+
+def _finite_fill_value(array: np.ndarray) -> Optional[float]:
+    """Refuse a constant image; for float data with NaN/inf voxels, warn and return the value
+    that replaces them (the minimum finite value), else None."""
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        n_bad = int(finite.size - np.count_nonzero(finite))
+        if n_bad == finite.size:
+            raise SAMMed3DError("every voxel of the volume is NaN or infinite: nothing to segment.")
+        lo, hi = float(array[finite].min()), float(array[finite].max())
+    else:
+        n_bad, lo, hi = 0, float(array.min()), float(array.max())
+    if lo == hi:
+        raise SAMMed3DError(f"the image is constant (all voxels = {lo:g}): nothing to segment.")
+    if not n_bad:
+        return None
+    warnings.warn(
+        f"{n_bad} voxel(s) were NaN or infinite; replaced by the minimum finite value ({lo:g}).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return lo
 
 
 def _sample_grid(
@@ -855,26 +894,33 @@ def extract_window(prepared: PreparedVolume, window: Window) -> np.ndarray:
     deviation (unbiased) of the voxels > 0, applied to all voxels, as torchio's
     ``ZNormalization(masking_method=lambda x: x > 0)``. If fewer than 2 voxels are > 0 the
     statistics of all voxels are used; a zero standard deviation is replaced by 1."""
+    return extract_window_tensor(prepared, window, torch.device("cpu")).numpy()
+
+
+def extract_window_tensor(prepared: PreparedVolume, window: Window, device) -> torch.Tensor:
+    """:func:`extract_window` computed where the model runs: the prepared volume is copied to
+    ``device`` once (see :meth:`PreparedVolume.tensor`) and every window is cut there."""
     _check_prepared(prepared)
+    data = prepared.tensor(device)
     s = window.size
-    out = np.zeros((s, s, s), dtype=np.float32)
+    out = torch.zeros((s, s, s), dtype=torch.float32, device=data.device)
     lo, hi = _overlap(window.start, s, prepared.shape)
     if all(h > l for l, h in zip(lo, hi)):
         out[
             lo[0] - window.start[0] : hi[0] - window.start[0],
             lo[1] - window.start[1] : hi[1] - window.start[1],
             lo[2] - window.start[2] : hi[2] - window.start[2],
-        ] = prepared.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        ] = data[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     values = out[out > 0]
-    if values.size < 2:
+    if values.numel() < 2:
         values = out.reshape(-1)
-    values = values.astype(np.float64)
+    values = values.double()
     mean = float(values.mean())
-    std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-    if not np.isfinite(std) or std < 1e-8:
+    std = float(values.std()) if values.numel() > 1 else 0.0
+    if not math.isfinite(std) or std < 1e-8:
         std = 1.0
-    out -= np.float32(mean)
-    out /= np.float32(std)
+    out -= mean
+    out /= std
     return out
 
 

@@ -326,8 +326,7 @@ class Session:
             return cached
         self._check_cancel(cancel)
         start = time.perf_counter()
-        array = geometry.extract_window(self.prepared, window)
-        image = torch.from_numpy(array)[None, None].to(self.device, self.dtype)
+        image = geometry.extract_window_tensor(self.prepared, window, self.device)[None, None].to(self.dtype)
         embedding = self._encode(image)
         timings["encode"] += (time.perf_counter() - start) * 1e3
         self._embeddings[window.start] = embedding

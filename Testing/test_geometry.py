@@ -24,6 +24,7 @@ from SAMMed3DMoELib.geometry import (
     Window,
     canonical_transform,
     extract_window,
+    extract_window_tensor,
     is_ct,
     load_volume,
     map_back,
@@ -590,3 +591,23 @@ def test_nan_and_inf_voxels(tmp_path, ext):
     nib.save(nib.Nifti1Image(np.full((4, 4, 4), np.nan, np.float32), np.eye(4)), all_nan)
     with pytest.raises(SAMMed3DError, match="NaN or infinite"):
         load_volume(all_nan)
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_slab_wise_preparation_equals_whole(loaded, name):
+    """A volume too large to convert at once is prepared in slabs; the result is identical."""
+    vol, whole = loaded[name]
+    plane = int(np.prod(vol.shape)) // max(vol.shape)
+    slabs = prepare_volume(vol, slab_voxels=plane * 3)  # a few source planes per slab
+    assert slabs.shape == whole.shape
+    np.testing.assert_allclose(slabs.array, whole.array, atol=1e-3)
+    np.testing.assert_array_equal(slabs.affine, whole.affine)
+
+
+def test_window_on_the_compute_device_equals_numpy(loaded):
+    _, prep = loaded["oblique"]
+    window = window_for_point(prep, prep.index_to_ras(np.array([[10.0, 20.0, 5.0]]))[0])
+    tensor = extract_window_tensor(prep, window, "cpu")
+    assert isinstance(tensor, torch.Tensor)
+    np.testing.assert_array_equal(tensor.numpy(), extract_window(prep, window))
+    assert prep.tensor("cpu") is prep.tensor("cpu"), "the prepared volume is moved once, then kept"
