@@ -346,8 +346,9 @@ class Session:
             message = "the GPU ran out of memory; continuing on the CPU (slower)"
             warnings.warn(message)
             self.notes.append(message)
-            torch.cuda.empty_cache()
             self.device = torch.device("cpu")
+            self.prepared.tensor(self.device)  # replaces the GPU copy of the prepared volume
+            torch.cuda.empty_cache()
             self.model.to(self.device)
             self._embeddings = OrderedDict((k, v.to(self.device)) for k, v in self._embeddings.items())
             self._steps.clear()
