@@ -283,6 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
                          help="list the known models", description="List the models known by name, with sizes.")
     cat.add_argument("--json", action="store_true", help="print JSON on stdout")
     cat.set_defaults(func=cmd_catalog)
+    # ---------------------------------------------------------------- demo
+    demo = sub.add_parser(
+        "demo", parents=[common, catalog_opt, consent], allow_abbrev=False,
+        help="segment an organ of the example CT with one click and compare with its reference label",
+        description="One click at the centre of an organ of the TotalSegmentator example CT "
+                    "(shared/data), segmented with --model (default: an UNTRAINED full-size network, "
+                    "which proves the pipeline runs but does not segment anything meaningful); writes "
+                    "the mask and a preview to --out and prints Dice against the reference label.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("demo-output"), metavar="DIR",
+                      help="folder for the mask and the preview (default: demo-output)")
+    demo.add_argument("--data", type=Path, default=Path("../shared/data/totalsegmentator-example"),
+                      metavar="DIR", help="the example data folder (default: ../shared/data/totalsegmentator-example)")
+    demo.add_argument("--model", "-m", default=None, metavar="M",
+                      help="weights to use: catalog name, Hub repo, .pth or bundle (default: untrained)")
+    demo.add_argument("--target", default="spleen", help="organ name from example_seg_labels.json (default: spleen)")
+    demo.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    demo.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for PyTorch")
+    demo.add_argument("--json", action="store_true", help="print a machine-readable summary (JSON) on stdout")
+    demo.set_defaults(func=cmd_demo)
+
     return parser
 
 
@@ -589,7 +610,8 @@ def _preview_centre(prompts: List[dict]):
     return np.asarray(next(p["ras"] for p in prompts if p["type"] == "point" and p["positive"]))
 
 
-def cmd_segment(args) -> int:
+def cmd_segment(args, model=None) -> int:
+    """``segment``; ``model`` (a SamMed3DMoE) replaces ``--model`` when given (used by ``demo``)."""
     import numpy as np
 
     from . import geometry, weights
@@ -623,10 +645,12 @@ def cmd_segment(args) -> int:
         prompts = _prompts_in_ras(volume, args.prompts)
 
         with stages.step("loading the model", "load_model"):
-            model_path = _resolve(args.model, args)
-            if model_path.is_dir():
-                _confirm_bundle_base(model_path, args)
-            model = weights.load_model(model_path, device=device)
+            model_path = None
+            if model is None:
+                model_path = _resolve(args.model, args)
+                if model_path.is_dir():
+                    _confirm_bundle_base(model_path, args)
+                model = weights.load_model(model_path, device=device)
         expert = str(args.expert).strip()
         if expert.lower() in (AUTO, GENERAL):
             expert = expert.lower()
@@ -676,7 +700,7 @@ def cmd_segment(args) -> int:
         "image": os.path.abspath(image_path),
         "output": os.path.abspath(out_path),
         "model": args.model,
-        "model_path": str(model_path),
+        "model_path": None if model_path is None else str(model_path),
         "device": describe_device(session.device),
         "threads": threads,
         "expert": expert,
@@ -879,6 +903,56 @@ def write_preview(path: Path, volume, mask, centre_ras, *, ct: bool, prompts: Se
 # ============================================================================================
 # download, convert
 # ============================================================================================
+def cmd_demo(args) -> int:
+    """``demo``: one click at an organ's centre on the example CT, then Dice against its label."""
+    import numpy as np
+
+    from . import geometry
+    from .model import build_sam_med3d
+    from .moe import SamMed3DMoE
+
+    data = args.data.expanduser()
+    image, labels, names = (data / "example_ct_sm.nii.gz", data / "example_seg.nii.gz",
+                            data / "example_seg_labels.json")
+    for path in (image, labels, names):
+        if not path.exists():
+            raise SAMMed3DError(f"the example data file {path} was not found; pass --data with the folder "
+                                "that holds example_ct_sm.nii.gz, example_seg.nii.gz and example_seg_labels.json")
+    ids = {entry["name"]: int(key) for key, entry in json.loads(names.read_text()).items()}
+    if args.target not in ids:
+        raise SAMMed3DError(f"no organ named {args.target!r} in {names.name}; choose one of: {', '.join(sorted(ids))}")
+    reference = geometry.load_volume(labels).array == ids[args.target]
+    inside = np.argwhere(reference)
+    click = inside[np.argmin(np.linalg.norm(inside - inside.mean(0), axis=1))]  # organ voxel nearest its centroid
+
+    out_dir = args.out.expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mask_path, preview_path = out_dir / f"{args.target}_mask.nii.gz", out_dir / f"{args.target}_preview.png"
+    argv = ["segment", str(image), "--model", args.model or "untrained", "--out", str(mask_path),
+            "--preview", str(preview_path), "--point-ijk", ",".join(str(int(v)) for v in click),
+            "--device", args.device, "--overwrite", "--name", args.target]
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    argv += ["--json"] if args.json else []
+    argv += ["--yes"] if args.yes else []
+    argv += ["--catalog", str(args.catalog)] if getattr(args, "catalog", None) else []
+    model = None
+    if args.model is None:
+        _err("note: no --model given, so the demo uses an UNTRAINED full-size SAM-Med3D (fixed random "
+             "weights): it shows the pipeline end to end, not a meaningful segmentation. Use "
+             "--model sam-med3d-turbo (internet) or a local sam_med3d_turbo.pth for real results.")
+        import torch
+
+        torch.manual_seed(0)
+        model = SamMed3DMoE(build_sam_med3d())
+        argv += ["--max-windows", "1"]  # random weights spill over every window face
+    status = cmd_segment(build_parser().parse_args(argv), model=model)
+    predicted = geometry.load_volume(mask_path).array > 0
+    dice = 2.0 * np.count_nonzero(predicted & reference) / max(1, predicted.sum() + reference.sum())
+    _err(f"Dice against the reference {args.target} label: {dice:.3f}"
+         + (" (untrained weights: expected to be low)" if args.model is None else ""))
+    return status
+
+
 def cmd_download(args) -> int:
     from . import hub
 

@@ -237,8 +237,8 @@ class Session:
             for neighbour, seed in self._neighbours(window, logits, windows):
                 if len(windows) >= self.max_windows:
                     notes.append(
-                        f"the object reaches past {self.max_windows} windows; the mask stops there "
-                        "(raise max_windows to follow it further)"
+                        f"the object reaches past the window limit (max_windows={self.max_windows}); the mask "
+                        "stops there (raise max_windows to follow it further)"
                     )
                     queue = []
                     break

@@ -625,3 +625,23 @@ def test_bundle_whose_base_is_on_the_hub(capsys, tmp_path, ct_path, models, hub_
     direct = run_json(capsys, *segment_args(ct_path, models["random"], tmp_path / "d.nii.gz", "--point-ijk",
                                             "60,50,15", "--max-windows", "1"))
     assert summary["voxels"] == direct["voxels"] and summary["gate_scores"] == direct["gate_scores"]
+
+
+@pytest.mark.slow
+def test_demo_clicks_the_organ_and_reports_dice(capsys, tmp_path, shared_data_dir):
+    """The README's main command: full-size untrained network, one click inside the spleen."""
+    status = cli.main(["demo", "--data", str(shared_data_dir), "--out", str(tmp_path), "--json"])
+    assert status == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "UNTRAINED" in captured.err and "Dice against the reference spleen label" in captured.err
+    labels = np.asarray(nib.load(shared_data_dir / "example_seg.nii.gz").dataobj)
+    click = summary["prompts"][0]
+    ijk = np.round(np.linalg.inv(nib.load(shared_data_dir / "example_ct_sm.nii.gz").affine)
+                   @ np.r_[click["ras"], 1.0])[:3].astype(int)
+    assert labels[tuple(ijk)] == 1, "the demo's click lies inside the spleen"
+    mask = nib.load(tmp_path / "spleen_mask.nii.gz")
+    assert mask.shape == labels.shape and int(np.count_nonzero(mask.get_fdata())) == summary["voxels"]
+    assert (tmp_path / "spleen_preview.png").stat().st_size > 10_000
+    assert cli.main(["demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    assert "example data file" in capsys.readouterr().err
