@@ -132,8 +132,21 @@ def _axis_map(matrix: np.ndarray, tol: float = 1e-6):
 # --------------------------------------------------------------------------- Volume
 
 
+class _Grid:
+    """What a volume on a voxel grid knows of its geometry: ``array`` and ``affine``."""
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(int(n) for n in self.array.shape)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along each array axis (column norms of the affine)."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+
 @dataclass(eq=False)
-class Volume:
+class Volume(_Grid):
     """A 3D scalar image: ``array[i, j, k]`` and the 4x4 voxel-index -> RAS (mm) ``affine``."""
 
     array: np.ndarray
@@ -153,15 +166,6 @@ class Volume:
             )
         self.array = arr
         self.affine = _check_affine(self.affine, "volume's affine (voxel index -> RAS)")
-
-    @property
-    def shape(self) -> Tuple[int, int, int]:
-        return tuple(int(n) for n in self.array.shape)
-
-    @property
-    def spacing(self) -> np.ndarray:
-        """Voxel size in mm along i, j, k (column norms of the affine)."""
-        return np.linalg.norm(self.affine[:3, :3], axis=0)
 
     def ijk_to_ras(self, points) -> np.ndarray:
         """Voxel indices (..., 3) -> RAS mm (..., 3)."""
@@ -559,7 +563,7 @@ def canonical_transform(affine, shape) -> Tuple[np.ndarray, list, list]:
 
 
 @dataclass(eq=False)
-class PreparedVolume:
+class PreparedVolume(_Grid):
     """A volume on the model's grid: canonical RAS+ axis order, ``spacing`` mm, CT clamped.
 
     ``array`` is float32 [d0, d1, d2]; ``affine`` maps prepared voxel indices to RAS;
@@ -569,14 +573,6 @@ class PreparedVolume:
     affine: np.ndarray
     source: Volume
     is_ct: bool
-
-    @property
-    def shape(self) -> Tuple[int, int, int]:
-        return tuple(int(n) for n in self.array.shape)
-
-    @property
-    def spacing(self) -> np.ndarray:
-        return np.linalg.norm(self.affine[:3, :3], axis=0)
 
     def ras_to_index(self, points) -> np.ndarray:
         """RAS mm (..., 3) -> fractional prepared-grid indices (..., 3)."""

@@ -305,6 +305,17 @@ def _hub_error(exc: BaseException, *, repo_id: str, filename: Optional[str], rev
     return None
 
 
+def _unreachable_reason(exc: Exception, endpoint: str, *, repo_id: str, filename: Optional[str], revision) -> str:
+    """For a failed Hub request: raise the user-facing error it means, or, when the server
+    cannot be reached, return the reason to fall back on the cache. Unknown errors propagate."""
+    error = _hub_error(exc, repo_id=repo_id, filename=filename, revision=revision, endpoint=endpoint)
+    if error is not None:
+        raise error from exc
+    if _is_unreachable(exc):
+        return f"Cannot reach {endpoint} ({type(exc).__name__}: {exc})"
+    raise exc
+
+
 def _is_unreachable(exc: BaseException) -> bool:
     """No usable answer from the server: network down, timeout, server error, not a Hub."""
     if isinstance(exc, (OfflineModeIsEnabled, FileMetadataError)):
@@ -664,12 +675,7 @@ def _fetch_file(repo_id: str, filename: str, *, revision: Optional[str], sha256:
     try:
         meta = _fetch_metadata(repo_id, filename, revision, settings.endpoint)
     except Exception as exc:
-        error = _hub_error(exc, repo_id=repo_id, filename=filename, revision=revision, endpoint=settings.endpoint)
-        if error is not None:
-            raise error from exc
-        if _is_unreachable(exc):
-            return use_cache(f"Cannot reach {settings.endpoint} ({type(exc).__name__}: {exc})")
-        raise
+        return use_cache(_unreachable_reason(exc, settings.endpoint, repo_id=repo_id, filename=filename, revision=revision))
 
     etag = str(meta.etag)
     blob = storage / "blobs" / etag
@@ -836,12 +842,7 @@ def download_snapshot(
         listing = [entry for entry in api.list_repo_tree(repo_id, revision=commit, recursive=True)
                    if isinstance(entry, RepoFile)]  # files only, not folders
     except Exception as exc:
-        error = _hub_error(exc, repo_id=repo_id, filename=None, revision=revision, endpoint=settings.endpoint)
-        if error is not None:
-            raise error from exc
-        if _is_unreachable(exc):
-            return use_cache(f"Cannot reach {settings.endpoint} ({type(exc).__name__}: {exc})")
-        raise
+        return use_cache(_unreachable_reason(exc, settings.endpoint, repo_id=repo_id, filename=None, revision=revision))
     files = list(filter_repo_objects(listing, allow_patterns=patterns, key=lambda entry: entry.path))
     if not files:
         raise SAMMed3DError(
