@@ -837,7 +837,9 @@ def _check_prepared(prepared) -> None:
 
 def _window_at(centre_index: np.ndarray, size: int) -> Window:
     # The centre lands on window index size // 2 (64 for 128, where SAM-Med3D's default click is).
-    start = np.floor(centre_index + 0.5).astype(np.int64) - int(size) // 2
+    # A click at the centre of a 3 mm voxel lies exactly between two 1.5 mm voxels; the small
+    # epsilon makes that tie round up whatever the floating-point noise of the RAS round trip.
+    start = np.floor(centre_index + 0.5 + 1e-6).astype(np.int64) - int(size) // 2
     return Window(tuple(int(s) for s in start), int(size))
 
 

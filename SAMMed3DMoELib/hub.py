@@ -99,7 +99,9 @@ ProgressCallback = Callable[[int, int], None]
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CATALOG_PATH = Path(__file__).with_name("catalog.json")
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+# The files weights.load_checkpoint reads (kept equal to weights.CHECKPOINT_SUFFIXES by a test;
+# not imported from there so that downloads do not import torch).
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 BUNDLE_CONFIG = "config.json"
 
 _CHUNK_BYTES = 256 * 1024  # network read size while downloading: the step of progress and cancel

@@ -396,3 +396,9 @@ def test_resolve_local_paths(tmp_path, monkeypatch):
         assert "missing" in str(caught.value)
     with pytest.raises(SAMMed3DError, match="sam-med3d-turbo"):
         hub.resolve_model("no-such-model")  # lists the packaged catalog's names
+
+
+def test_hub_and_weights_accept_the_same_checkpoint_files():
+    from SAMMed3DMoELib import weights
+
+    assert set(hub.CHECKPOINT_SUFFIXES) == set(weights.CHECKPOINT_SUFFIXES)
