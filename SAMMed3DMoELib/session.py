@@ -278,8 +278,17 @@ class Session:
                 centre = (np.asarray(box.ras_min) + np.asarray(box.ras_max)) / 2
                 points = [Point(tuple(centre), True)] + points
                 box_window = None
-        coords = [tuple(geometry.ras_to_window(self.prepared, window, np.array([p.ras]))[0]) for p in points]
-        labels = [1 if p.positive else 0 for p in points]
+        coords, labels = [], []
+        for p in points:
+            c = geometry.ras_to_window(self.prepared, window, np.array([p.ras]))[0]
+            if np.any(c < -0.5) or np.any(c > self.window_size - 0.5):
+                notes.append(
+                    f"the point {np.round(p.ras, 1).tolist()} mm lies outside the window of the first prompt "
+                    "and was not used; place points on the same object, or start a new segment for it"
+                )
+                continue
+            coords.append(tuple(c))
+            labels.append(1 if p.positive else 0)
         if not coords:  # a box alone is one step
             return [((), (), box_window)]
         steps = []

@@ -223,3 +223,14 @@ def test_session_predict_honours_cancel(ct):
     cancel.set()
     with pytest.raises(CancelledError):
         session.predict(cancel=cancel)
+
+
+def test_points_outside_the_first_window_are_not_used_and_said(ct):
+    session = Session(ct, tiny_moe(), device="cpu", max_windows=1)
+    session.add_point(_centre_ras(ct))
+    alone = session.predict().region.copy()
+    far = _centre_ras(ct, (5, 5, 2))  # ~ 150 mm away: outside the 64³ x 1.5 mm window
+    session.add_point(far, positive=False)
+    result = session.predict()
+    assert any("outside the window" in note for note in result.notes)
+    assert np.array_equal(result.region, alone)
