@@ -646,12 +646,14 @@ def prepare_volume(
     spacing: Union[float, Sequence[float]] = DEFAULT_SPACING,
     modality: str = "auto",
     *,
+    ct_clamp: Optional[Sequence[float]] = CT_CLAMP,
     slab_voxels: int = 1 << 26,
 ) -> PreparedVolume:
     """Reorient ``volume`` to the closest canonical RAS+ axis order, clamp CT to [-1000, 1000] HU
     and resample linearly to ``spacing`` mm (see the module docstring for the exact grid).
 
-    ``modality``: "auto" (detect with :func:`is_ct`), "CT" or "MR". The volume is converted in
+    ``modality``: "auto" (detect with :func:`is_ct`), "CT" or "MR". ``ct_clamp``: the HU range
+    a CT is clamped to (None: no clamping). The volume is converted in
     slabs of about ``slab_voxels`` source voxels (256 MB of float32 by default)."""
     if not isinstance(volume, Volume):
         raise SAMMed3DError(f"prepare_volume needs a Volume, got {type(volume).__name__}.")
@@ -694,8 +696,8 @@ def prepare_volume(
         x = _float32_tensor(volume.array[tuple(index)])
         if fill is not None:
             x = torch.nan_to_num(x, nan=fill, posinf=fill, neginf=fill)
-        if ct:
-            x.clamp_(*CT_CLAMP)
+        if ct and ct_clamp is not None:
+            x.clamp_(*ct_clamp)
         for a in order:
             sample = coords[chunk_axis][m0:m1] - lo if a == chunk_axis else coords[a]
             x = _resample_linear_1d(x, axes[a], sample)

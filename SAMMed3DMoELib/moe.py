@@ -18,7 +18,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SAMMed3DError
+from .geometry import CT_CLAMP, DEFAULT_SPACING, WINDOW_SIZE
 from .model import DecoderAttention, MaskDecoder3D, MLPBlock, SamMed3D
+
+DEFAULT_PREPROCESSING = {
+    "spacing_mm": DEFAULT_SPACING,
+    "window": WINDOW_SIZE,
+    "ct_clamp": list(CT_CLAMP),
+    "normalization": "zscore_nonzero",
+}
+"""How SAM-Med3D was trained to see images (stored in a bundle's config.json)."""
+NORMALIZATIONS = ("zscore_nonzero",)
 
 GENERAL = "general"
 AUTO = "auto"
@@ -164,9 +174,11 @@ class SamMed3DMoE(nn.Module):
         expert_info: Optional[Dict[str, ExpertInfo]] = None,
         tau: float = 0.5,
         selector: str = "paper",
+        preprocessing: Optional[dict] = None,
     ) -> None:
         super().__init__()
         self.base = base
+        self.preprocessing = {**DEFAULT_PREPROCESSING, "window": base.img_size, **(preprocessing or {})}
         self.experts = nn.ModuleDict(experts or {})
         self.gate = gate
         self.expert_info = {name: (expert_info or {}).get(name, ExpertInfo(name)) for name in self.experts}

@@ -38,7 +38,7 @@ from . import geometry
 from .device import select_device
 from .errors import CancelledError, SAMMed3DError
 from .geometry import PreparedVolume, Volume, Window
-from .moe import AUTO, GENERAL, Prediction, SamMed3DMoE, probability_to_logits
+from .moe import AUTO, NORMALIZATIONS, Prediction, SamMed3DMoE
 
 PROTOCOLS = ("newest", "accumulate")
 
@@ -116,8 +116,20 @@ class Session:
         self.cpu_fallback = cpu_fallback
         self.window_size = self.model.base.img_size
         self._lowres = self.model.base.prompt_encoder.mask_input_size
+        pre = self.model.preprocessing
+        if pre["normalization"] not in NORMALIZATIONS:
+            raise SAMMed3DError(
+                f"the model asks for image normalisation {pre['normalization']!r}, which this version does not "
+                f"know ({', '.join(NORMALIZATIONS)}); upgrade sammed3d-moe"
+            )
+        if int(pre["window"]) != self.window_size:
+            raise SAMMed3DError(
+                f"the model's preprocessing says {pre['window']}³ windows but its network takes "
+                f"{self.window_size}³; the bundle's config.json is inconsistent"
+            )
         start = time.perf_counter()
-        self.prepared: PreparedVolume = geometry.prepare_volume(volume, modality=modality)
+        self.prepared: PreparedVolume = geometry.prepare_volume(
+            volume, spacing=pre["spacing_mm"], modality=modality, ct_clamp=pre["ct_clamp"])
         self.prepare_ms = (time.perf_counter() - start) * 1e3
         self._prompts: List[Tuple[int, object]] = []
         self._history: List[List[Tuple[int, object]]] = []

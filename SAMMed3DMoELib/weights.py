@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .device import select_device
 from .errors import SAMMed3DError
 from .model import VIT_B_ORI, MaskDecoder3D, SamMed3D, build_mask_decoder, build_sam_med3d
-from .moe import AUTO, GENERAL, SELECTORS, ExpertInfo, GatingNetwork, SamMed3DMoE
+from .moe import AUTO, DEFAULT_PREPROCESSING, GENERAL, SELECTORS, ExpertInfo, GatingNetwork, SamMed3DMoE
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -68,7 +68,6 @@ EXPERTS_DIR = "experts"
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 CHECKPOINT_SUFFIXES = TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)
-DEFAULT_PREPROCESSING = {"spacing_mm": 1.5, "window": 128, "ct_clamp": [-1000, 1000], "normalization": "zscore_nonzero"}
 """What SAM-Med3D was trained on: 1.5 mm, 128³ windows, CT clamped, z-score over voxels > 0."""
 
 BOX_KEY = "prompt_encoder.point_embeddings.2.weight"
@@ -652,7 +651,8 @@ def load_bundle(folder: PathLike, *, device: Union[str, torch.device, None] = "c
         _verify(_bundle_path(folder, rel), sha, what)
     base = _load_base(folder, config, progress=progress, cancel=cancel)
     experts, gate, info = _load_experts_and_gate(folder, config)
-    moe = SamMed3DMoE(base, experts, gate, info, tau=config["tau"], selector=config["selector"])
+    moe = SamMed3DMoE(base, experts, gate, info, tau=config["tau"], selector=config["selector"],
+                      preprocessing=config["preprocessing"])
     return moe.to(target).eval()
 
 
@@ -763,7 +763,7 @@ def _write_bundle(folder: Path, moe: SamMed3DMoE, *, model_config: dict, preproc
                   base_state: Optional[Mapping[str, Tensor]] = None, base_entry: Optional[dict] = None) -> Path:
     """Write a bundle: ``base_state`` is written to base.safetensors, or ``base_entry`` (a Hub
     pointer, or the existing base file kept as it is) goes into config.json unchanged."""
-    pre = dict(preprocessing) if preprocessing is not None else {**DEFAULT_PREPROCESSING, "window": moe.base.img_size}
+    pre = dict(preprocessing) if preprocessing is not None else dict(moe.preprocessing)
     pre = _validate_preprocessing(pre, _Checker("preprocessing", "Fix the preprocessing settings."))
     for name in moe.expert_names:
         problem = _expert_name_problem(name)

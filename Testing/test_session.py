@@ -234,3 +234,22 @@ def test_points_outside_the_first_window_are_not_used_and_said(ct):
     result = session.predict()
     assert any("outside the window" in note for note in result.notes)
     assert np.array_equal(result.region, alone)
+
+
+def test_bundle_preprocessing_reaches_the_session(ct, tmp_path):
+    from SAMMed3DMoELib import weights
+
+    moe = tiny_moe()
+    weights.save_bundle(moe, tmp_path / "b", preprocessing={"spacing_mm": 2.0, "window": 64,
+                                                             "ct_clamp": [-200, 300], "normalization": "zscore_nonzero"})
+    loaded = weights.load_bundle(tmp_path / "b")
+    assert loaded.preprocessing["spacing_mm"] == 2.0
+    session = Session(ct, loaded, device="cpu")
+    assert np.allclose(session.prepared.spacing, 2.0)
+    assert session.prepared.array.min() >= -200 and session.prepared.array.max() <= 300
+    loaded.preprocessing["normalization"] = "minmax"
+    with pytest.raises(SAMMed3DError, match="normalisation 'minmax'"):
+        Session(ct, loaded, device="cpu")
+    loaded.preprocessing.update(normalization="zscore_nonzero", window=128)
+    with pytest.raises(SAMMed3DError, match="inconsistent"):
+        Session(ct, loaded, device="cpu")
