@@ -67,7 +67,6 @@ LETTER_RGB = (255, 220, 0)
 
 _COORDINATE_OPTIONS = ("--point", "--negative", "--point-ijk", "--negative-ijk", "--box")
 _NUMBER_SPLIT = re.compile(r"[,;\s]+")
-_HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # ============================================================================================
@@ -414,24 +413,22 @@ def _catalog(args) -> Optional[dict]:
 
 
 def _remote_target(spec: str, catalog: Optional[dict]) -> Optional[Tuple[str, Optional[str], Optional[str], str]]:
-    """(repo_id, filename or None for a whole bundle repo, revision, description) when ``spec``
-    will be fetched from the Hub; None for local paths (and for anything resolve_model refuses)."""
+    """(repo_id, filename or None for a whole bundle repo, revision, description) when
+    ``spec`` will be fetched from the Hub; None for local paths."""
     from . import hub
 
+    target = hub.remote_target(spec, catalog)
+    if target is None:
+        return None
+    repo_id, filename, revision = target
     entries = hub.load_catalog() if catalog is None else catalog
     if spec in entries:
-        entry = entries[spec]
-        what = f"catalog model '{spec}' ({entry.repo_id}" + (f"/{entry.filename})" if entry.filename else ")")
-        return entry.repo_id, entry.filename, entry.revision, what
-    if os.path.exists(os.path.expanduser(spec)) or spec.startswith((".", "~", "/")) or "\\" in spec:
-        return None
-    parts = spec.split("/")
-    checkpoint_name = parts[-1].lower().endswith((".pth", ".pt", ".safetensors"))
-    if len(parts) >= 3 and _HUB_REPO.match("/".join(parts[:2])) and checkpoint_name:
-        return "/".join(parts[:2]), "/".join(parts[2:]), None, f"'{spec}' from the Hub"
-    if len(parts) == 2 and _HUB_REPO.match(spec) and not checkpoint_name:
-        return spec, None, None, f"bundle repository '{spec}' from the Hub"
-    return None
+        what = f"catalog model '{spec}' ({repo_id}" + (f"/{filename})" if filename else ")")
+    elif filename:
+        what = f"'{spec}' from the Hub"
+    else:
+        what = f"bundle repository '{spec}' from the Hub"
+    return repo_id, filename, revision, what
 
 
 def _confirm_download(repo_id: str, filename: Optional[str], revision: Optional[str], what: str, args) -> None:
@@ -946,7 +943,9 @@ def cmd_demo(args) -> int:
         model = SamMed3DMoE(build_sam_med3d())
         argv += ["--max-windows", "1"]  # random weights spill over every window face
     status = cmd_segment(build_parser().parse_args(argv), model=model)
-    predicted = geometry.load_volume(mask_path).array > 0
+    import SimpleITK as sitk
+
+    predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path))).transpose(2, 1, 0) > 0  # [k,j,i] -> [i,j,k]
     dice = 2.0 * np.count_nonzero(predicted & reference) / max(1, predicted.sum() + reference.sum())
     _err(f"Dice against the reference {args.target} label: {dice:.3f}"
          + (" (untrained weights: expected to be low)" if args.model is None else ""))

@@ -52,7 +52,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Union
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 from huggingface_hub import (
     HfApi,
@@ -935,6 +935,24 @@ def resolve_model(
         "Give a catalog name, a local .pth/.safetensors file or bundle folder, or a Hub repo id "
         "'owner/name' (bundle) or 'owner/name/file.pth' (checkpoint)."
     )
+
+
+def remote_target(spec: str, catalog: Optional[Dict[str, "CatalogEntry"]] = None) -> Optional[Tuple[str, Optional[str], Optional[str]]]:
+    """``(repo_id, filename or None for a bundle repository, revision)`` when
+    :func:`resolve_model` would fetch ``spec`` from the Hub; None for local paths."""
+    entries = load_catalog() if catalog is None else catalog
+    if spec in entries:
+        entry = entries[spec]
+        return entry.repo_id, entry.filename, entry.revision
+    if os.path.exists(os.path.expanduser(spec)):
+        return None
+    form = _spec_form(spec)
+    parts = spec.split("/")
+    if form == "hub-file":
+        return "/".join(parts[:2]), "/".join(parts[2:]), None
+    if form == "hub-repo":
+        return spec, None, None
+    return None
 
 
 def _spec_form(text: str) -> str:

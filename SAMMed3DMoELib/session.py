@@ -150,7 +150,7 @@ class Session:
 
     def add_point(self, ras, positive: bool = True) -> int:
         """Add a click at RAS mm; returns its id. A point off the volume is refused."""
-        point = Point(tuple(float(v) for v in np.asarray(ras, dtype=float).reshape(3)), bool(positive))
+        point = Point(tuple(_xyz(ras, "a point")), bool(positive))
         self._check_on_volume(point.ras)
         return self._push(point)
 
@@ -160,10 +160,9 @@ class Session:
 
     def set_box(self, ras_min, ras_max) -> int:
         """Set the box prompt (replacing an earlier box); returns its id."""
-        lo = np.minimum(np.asarray(ras_min, float).reshape(3), np.asarray(ras_max, float).reshape(3))
-        hi = np.maximum(np.asarray(ras_min, float).reshape(3), np.asarray(ras_max, float).reshape(3))
-        extent_vox = np.abs(np.linalg.inv(self.prepared.affine[:3, :3]) @ (hi - lo))
-        if np.any(extent_vox < 1.0):
+        a, b = _xyz(ras_min, "a box corner"), _xyz(ras_max, "a box corner")
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        if np.any(hi - lo < float(self.volume.spacing.min())):  # thinner than a voxel along R, A or S
             raise SAMMed3DError(
                 f"the box {lo.round(1).tolist()}..{hi.round(1).tolist()} mm has (almost) zero extent on at "
                 f"least one axis; drag it over the object in all three directions"
@@ -214,7 +213,32 @@ class Session:
 
     # ------------------------------------------------------------------ prediction
     def predict(self, cancel: Optional[threading.Event] = None) -> SessionResult:
-        """Segment the current prompts. Raises SAMMed3DError when there is nothing to segment."""
+        """Segment the current prompts. Raises SAMMed3DError when there is nothing to segment.
+
+        If the GPU runs out of memory, the session moves to the CPU (with a warning and a note
+        in the result) and predicts again there, unless ``cpu_fallback`` is False."""
+        try:
+            return self._predict(cancel)
+        except torch.cuda.OutOfMemoryError:
+            if not self.cpu_fallback or self.device.type == "cpu":
+                raise SAMMed3DError(
+                    "the GPU ran out of memory; close other GPU programs or use the CPU (--device cpu)"
+                ) from None
+        self._move_to_cpu()
+        return self._predict(cancel)
+
+    def _move_to_cpu(self) -> None:
+        message = "the GPU ran out of memory; continuing on the CPU (slower)"
+        warnings.warn(message)
+        self.notes.append(message)
+        self.device = torch.device("cpu")
+        self.model.to(self.device)
+        self.prepared.tensor(self.device)  # replaces the GPU copy of the prepared volume
+        self._embeddings = OrderedDict((k, v.to(self.device)) for k, v in self._embeddings.items())
+        self._steps.clear()
+        torch.cuda.empty_cache()
+
+    def _predict(self, cancel: Optional[threading.Event]) -> SessionResult:
         points = [p for _, p in self._prompts if isinstance(p, Point)]
         boxes = [p for _, p in self._prompts if isinstance(p, Box)]
         if not boxes and not any(p.positive for p in points):
@@ -256,9 +280,15 @@ class Session:
                     break
                 self._check_cancel(cancel)
                 windows.append(neighbour)
-                seeded = self._seed_prediction(neighbour, seed, timings, cancel)
+                seeded = self._seed_prediction(neighbour, seed, points, timings, cancel)
                 window_logits[neighbour.start] = seeded.logits
                 queue.append(neighbour)
+        for p in points:
+            if all(self._in_window(w, p) is None for w in windows):
+                notes.append(
+                    f"the point {np.round(p.ras, 1).tolist()} mm lies outside every window the object reached "
+                    "and was not used; place points on the same object, or start a new segment for it"
+                )
         start = time.perf_counter()
         region, offset = _union(regions)
         timings["map_back"] += (time.perf_counter() - start) * 1e3
@@ -292,13 +322,9 @@ class Session:
                 box_window = None
         coords, labels = [], []
         for p in points:
-            c = geometry.ras_to_window(self.prepared, window, np.array([p.ras]))[0]
-            if np.any(c < -0.5) or np.any(c > self.window_size - 0.5):
-                notes.append(
-                    f"the point {np.round(p.ras, 1).tolist()} mm lies outside the window of the first prompt "
-                    "and was not used; place points on the same object, or start a new segment for it"
-                )
-                continue
+            c = self._in_window(window, p)
+            if c is None:
+                continue  # used in a neighbouring window if the object reaches there (see _predict)
             coords.append(tuple(c))
             labels.append(1 if p.positive else 0)
         if not coords:  # a box alone is one step
@@ -309,10 +335,17 @@ class Session:
             steps.append((tuple(coords[chosen]), tuple(labels[chosen]), box_window))
         return steps
 
+    def _in_window(self, window: Window, point: Point) -> Optional[np.ndarray]:
+        """The point's voxel coordinates in ``window``, or None when it lies outside."""
+        c = geometry.ras_to_window(self.prepared, window, np.array([point.ras]))[0]
+        return None if np.any(c < -0.5) or np.any(c > self.window_size - 0.5) else c
+
     def _replay(self, window: Window, steps: List[tuple], timings: dict, cancel) -> Prediction:
         """Run the steps in ``window``, reusing memoised results of an unchanged prefix."""
-        memo = self._steps.setdefault((window.start, self.expert, self.protocol), [])
         embedding = self._embedding(window, timings, cancel)
+        model = self.model
+        key = (window.start, self.expert, self.protocol, model.tau, model.selector, tuple(model.expert_names))
+        memo = self._steps.setdefault(key, [])
         keep = 0
         while keep < min(len(memo), len(steps)) and memo[keep][0] == steps[keep]:
             keep += 1
@@ -336,7 +369,8 @@ class Session:
         if box is not None:
             boxes = torch.tensor(np.stack(box)[None], dtype=self.dtype, device=self.device)
         with torch.inference_mode():
-            prediction = self.model.predict(embedding, points=points, boxes=boxes, mask_logits=mask, expert=self.expert)
+            prediction = self.model.predict(embedding, points=points, boxes=boxes,
+                                            mask_logits=mask.to(self.device, self.dtype), expert=self.expert)
         timings["decode"] += (time.perf_counter() - start) * 1e3
         return prediction
 
@@ -348,33 +382,13 @@ class Session:
         self._check_cancel(cancel)
         start = time.perf_counter()
         image = geometry.extract_window_tensor(self.prepared, window, self.device)[None, None].to(self.dtype)
-        embedding = self._encode(image)
+        with torch.inference_mode():
+            embedding = self.model.encode(image)
         timings["encode"] += (time.perf_counter() - start) * 1e3
         self._embeddings[window.start] = embedding
         while len(self._embeddings) > 1 and sum(e.numel() * e.element_size() for e in self._embeddings.values()) > self.cache_bytes:
             self._embeddings.popitem(last=False)
         return embedding
-
-    def _encode(self, image: torch.Tensor) -> torch.Tensor:
-        try:
-            with torch.inference_mode():
-                return self.model.encode(image)
-        except torch.cuda.OutOfMemoryError:
-            if not self.cpu_fallback or self.device.type == "cpu":
-                raise SAMMed3DError(
-                    "the GPU ran out of memory while encoding the image; close other GPU programs or use --device cpu"
-                ) from None
-            message = "the GPU ran out of memory; continuing on the CPU (slower)"
-            warnings.warn(message)
-            self.notes.append(message)
-            self.device = torch.device("cpu")
-            self.prepared.tensor(self.device)  # replaces the GPU copy of the prepared volume
-            torch.cuda.empty_cache()
-            self.model.to(self.device)
-            self._embeddings = OrderedDict((k, v.to(self.device)) for k, v in self._embeddings.items())
-            self._steps.clear()
-            with torch.inference_mode():
-                return self.model.encode(image.to(self.device))
 
     # ------------------------------------------------------------------ windows beyond the first
     def _neighbours(self, window: Window, logits: torch.Tensor, used: List[Window]):
@@ -398,10 +412,11 @@ class Session:
                 used_starts.add(neighbour.start)
                 yield neighbour, (window, logits)
 
-    def _seed_prediction(self, window: Window, seed: Tuple[Window, torch.Tensor], timings: dict, cancel) -> Prediction:
+    def _seed_prediction(self, window: Window, seed: Tuple[Window, torch.Tensor], points: List[Point],
+                         timings: dict, cancel) -> Prediction:
         """Predict in a neighbouring window from the previous window's mask: its logits moved
-        into this window as the mask prompt, and a positive point at the mask's centre in the
-        overlap."""
+        into this window as the mask prompt, a positive point at the mask's centre in the
+        overlap, and the user's points that lie in this window (so a click can correct it)."""
         previous, logits = seed
         size = self.window_size
         full = F.interpolate(logits.float(), size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0]
@@ -414,21 +429,44 @@ class Session:
         inside = torch.nonzero(moved > 0).float()
         centre = inside.mean(0)
         point = inside[(inside - centre).norm(dim=1).argmin()]
-        step = ((tuple(point.tolist()),), (1,), None)
+        coords, labels = [tuple(point.tolist())], [1]
+        for p in points:
+            c = self._in_window(window, p)
+            if c is not None:
+                coords.append(tuple(c))
+                labels.append(1 if p.positive else 0)
+        step = (tuple(coords), tuple(labels), None)
         embedding = self._embedding(window, timings, cancel)
         return self._decode(embedding, step, mask_prompt.to(self.dtype), timings)
 
     def _clip_to_box(self, region: np.ndarray, offset, box: Box) -> np.ndarray:
-        """Limit a region to the voxels whose centres lie in the RAS box."""
-        idx = np.stack(np.meshgrid(*[np.arange(n) + o for n, o in zip(region.shape, offset)], indexing="ij"), -1)
-        ras = self.volume.ijk_to_ras(idx.reshape(-1, 3)).reshape(idx.shape)
-        inside = np.all((ras >= np.asarray(box.ras_min) - 1e-6) & (ras <= np.asarray(box.ras_max) + 1e-6), axis=-1)
-        return region & inside
+        """Limit a region to the voxels whose centres lie in the RAS box (one float32 plane of
+        the region per RAS axis at a time, broadcast from the three index ramps)."""
+        affine = self.volume.affine
+        ramps = [(np.arange(n, dtype=np.float32) + o) for n, o in zip(region.shape, offset)]
+        shapes = [(-1, 1, 1), (1, -1, 1), (1, 1, -1)]
+        inside = region.copy()
+        for axis in range(3):
+            coordinate = np.float32(affine[axis, 3]) + sum(
+                np.float32(affine[axis, c]) * ramps[c].reshape(shapes[c]) for c in range(3))
+            inside &= (coordinate >= box.ras_min[axis] - 1e-3) & (coordinate <= box.ras_max[axis] + 1e-3)
+        return inside
 
     @staticmethod
     def _check_cancel(cancel: Optional[threading.Event]) -> None:
         if cancel is not None and cancel.is_set():
             raise CancelledError("the segmentation was cancelled")
+
+
+def _xyz(values, what: str) -> np.ndarray:
+    """Three finite coordinates, or a SAMMed3DError saying what was given."""
+    try:
+        xyz = np.asarray(values, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        xyz = np.array([])
+    if xyz.size != 3 or not np.all(np.isfinite(xyz)):
+        raise SAMMed3DError(f"{what} needs three finite coordinates (R, A, S in mm), got {values!r}")
+    return xyz
 
 
 def _union(regions: List[Tuple[np.ndarray, Tuple[int, int, int]]]) -> Tuple[np.ndarray, Tuple[int, int, int]]:
@@ -455,8 +493,8 @@ class SessionWorker:
 
     def __init__(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sammed3d-worker")
-        self._pending: Dict[object, Tuple[concurrent.futures.Future, threading.Event]] = {}
-        self._lock = threading.RLock()  # done-callbacks may run inside submit()
+        self._pending: Dict[concurrent.futures.Future, Tuple[object, threading.Event]] = {}
+        self._lock = threading.RLock()  # a cancelled future's done-callback runs inside submit()
 
     def submit(self, fn: Callable, *args, key: object = None, pass_cancel: bool = False, **kwargs) -> concurrent.futures.Future:
         """Queue ``fn(*args, **kwargs)``; with ``pass_cancel`` it also gets ``cancel=Event``."""
@@ -464,27 +502,27 @@ class SessionWorker:
         if pass_cancel:
             kwargs["cancel"] = event
         with self._lock:
-            if key is not None and key in self._pending:
-                old_future, old_event = self._pending[key]
-                old_event.set()
-                old_future.cancel()
-            future = self._executor.submit(fn, *args, **kwargs)
             if key is not None:
-                self._pending[key] = (future, event)
-                future.add_done_callback(lambda f, key=key: self._forget(key, f))
+                for future, (job_key, old_event) in list(self._pending.items()):
+                    if job_key == key:
+                        old_event.set()
+                        future.cancel()
+            future = self._executor.submit(fn, *args, **kwargs)
+            self._pending[future] = (key, event)
+        future.add_done_callback(self._forget)
         return future
 
-    def _forget(self, key, future) -> None:
+    def _forget(self, future) -> None:
         with self._lock:
-            if key in self._pending and self._pending[key][0] is future:
-                del self._pending[key]
+            self._pending.pop(future, None)
 
     def cancel_all(self) -> None:
         """Cancel queued jobs and ask running ones to stop."""
         with self._lock:
-            for future, event in self._pending.values():
-                event.set()
-                future.cancel()
+            jobs = list(self._pending.items())
+        for future, (_key, event) in jobs:
+            event.set()
+            future.cancel()
 
     def shutdown(self) -> None:
         self.cancel_all()

@@ -402,3 +402,14 @@ def test_hub_and_weights_accept_the_same_checkpoint_files():
     from SAMMed3DMoELib import weights
 
     assert set(hub.CHECKPOINT_SUFFIXES) == set(weights.CHECKPOINT_SUFFIXES)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("owner/repo", ("owner/repo", None, None)),
+    ("owner/repo/weights.ckpt", ("owner/repo", "weights.ckpt", None)),
+    ("owner/repo/sub/model.pth", ("owner/repo", "sub/model.pth", None)),
+    ("./local/model.pth", None),
+    ("ckpt/model.pth", None),
+])
+def test_remote_target_says_what_would_be_fetched(spec, expected):
+    assert hub.remote_target(spec, catalog={}) == expected

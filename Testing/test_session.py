@@ -210,8 +210,6 @@ def test_worker_supersedes_stale_jobs_and_cancels():
         worker.cancel_all()
         with pytest.raises(CancelledError):
             job.result(timeout=5)
-        # the caller's thread never ran model work
-        assert threading.current_thread() is threading.main_thread()
     finally:
         worker.shutdown()
 
@@ -232,7 +230,7 @@ def test_points_outside_the_first_window_are_not_used_and_said(ct):
     far = _centre_ras(ct, (5, 5, 2))  # ~ 150 mm away: outside the 64³ x 1.5 mm window
     session.add_point(far, positive=False)
     result = session.predict()
-    assert any("outside the window" in note for note in result.notes)
+    assert any("outside every window" in note for note in result.notes)
     assert np.array_equal(result.region, alone)
 
 
@@ -253,3 +251,73 @@ def test_bundle_preprocessing_reaches_the_session(ct, tmp_path):
     loaded.preprocessing.update(normalization="zscore_nonzero", window=128)
     with pytest.raises(SAMMed3DError, match="inconsistent"):
         Session(ct, loaded, device="cpu")
+
+
+def test_worker_cancel_all_cancels_every_queued_job():
+    worker = SessionWorker()
+    release = threading.Event()
+    try:
+        running = worker.submit(release.wait, 5)
+        queued = [worker.submit(lambda: 1, key="a"), worker.submit(lambda: 2, key="b"), worker.submit(lambda: 3)]
+        worker.cancel_all()
+        assert all(f.cancelled() for f in queued)
+        release.set()
+        assert running.result(timeout=5) is True
+        ran_on = worker.submit(threading.current_thread).result(timeout=5)
+        assert ran_on is not threading.current_thread(), "model work runs on the worker thread"
+    finally:
+        worker.shutdown()
+
+
+def test_embedding_cache_is_capped(ct):
+    moe = tiny_moe()
+    one = 48 * 4 ** 3 * 4  # bytes of one tiny embedding (48 x 4³ float32)
+    session = Session(ct, moe, device="cpu", max_windows=1, cache_bytes=2 * one)
+    encodes = _counter(moe.base.image_encoder)
+    for ijk in [(20, 20, 10), (60, 50, 15), (100, 80, 20), (20, 20, 10)]:
+        session.reset()
+        session.add_point(_centre_ras(ct, ijk))
+        session.predict()
+    assert len(session._embeddings) == 2
+    assert len(encodes) == 4, "the first window was evicted (least recently used) and encoded again"
+
+
+def test_changing_the_mixture_settings_invalidates_memoised_steps(ct):
+    moe = tiny_moe()
+    with torch.no_grad():  # a gate that favours expert2 with score ~0.6
+        moe.gate.fc2.weight.zero_()
+        moe.gate.fc2.bias.copy_(torch.tensor([0.0, -5.0, 0.5]))
+    moe.tau = 0.9
+    session = Session(ct, moe, device="cpu", max_windows=1)
+    session.add_point(_centre_ras(ct))
+    assert session.predict().decoders == ["general"]
+    moe.tau = 0.1
+    assert session.predict().decoders == ["general", "expert2"]
+
+
+def test_user_points_reach_the_neighbouring_windows(ct):
+    model = _constant_model(8.0)
+    seen = []
+    model.base.prompt_encoder.register_forward_hook(
+        lambda _m, _a, kwargs, _o: seen.append(None if kwargs["points"] is None else kwargs["points"][1].tolist()),
+        with_kwargs=True)
+    session = Session(ct, model, device="cpu", max_windows=3)
+    session.add_point(_centre_ras(ct))
+    far = _centre_ras(ct, (40, 50, 15))  # outside the first window, inside its neighbour along i
+    session.add_point(far, positive=False)
+    result = session.predict()
+    assert len(result.windows) == 3
+    # seen[0] is the first window's step (its one positive click); later decodes are the
+    # neighbours': seed point first, then the user's clicks that lie inside that window
+    assert seen[0] == [[1]]
+    assert any(labels[0][0] == 1 and 0 in labels[0][1:] for labels in seen[1:]), \
+        "a neighbour window got the seed and the user's negative click"
+    assert not any("outside every window" in note for note in result.notes)
+
+
+def test_malformed_prompts_are_explained(ct):
+    session = Session(ct, tiny_moe(), device="cpu")
+    with pytest.raises(SAMMed3DError, match="three finite coordinates"):
+        session.add_point([1.0, 2.0])
+    with pytest.raises(SAMMed3DError, match="three finite coordinates"):
+        session.set_box([1, 2], [3, 4, 5])
