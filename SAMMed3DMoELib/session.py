@@ -270,7 +270,8 @@ class Session:
                 region = self._clip_to_box(region, offset, box)
             regions.append((region, offset))
             timings["map_back"] += (time.perf_counter() - start) * 1e3
-            for neighbour, seed in self._neighbours(window, logits, windows):
+            full = F.interpolate(logits.float(), size=(self.window_size,) * 3, mode="trilinear", align_corners=False)[0, 0]
+            for neighbour, seed in self._neighbours(window, full, windows):
                 if len(windows) >= self.max_windows:
                     notes.append(
                         f"the object reaches past the window limit (max_windows={self.max_windows}); the mask "
@@ -391,11 +392,12 @@ class Session:
         return embedding
 
     # ------------------------------------------------------------------ windows beyond the first
-    def _neighbours(self, window: Window, logits: torch.Tensor, used: List[Window]):
+    def _neighbours(self, window: Window, full: torch.Tensor, used: List[Window]):
         """Windows (50 % overlap) across faces that the mask touches and that are not the
-        volume's edge, each with the mask found so far as its seed."""
+        volume's edge, each with the mask found so far (``full``: the window's logits
+        upsampled to the window size) as its seed."""
         size = self.window_size
-        mask = F.interpolate(logits.float(), size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0] > 0
+        mask = full > 0
         shape = self.prepared.shape
         used_starts = {w.start for w in used}
         for axis in range(3):
@@ -410,16 +412,15 @@ class Session:
                 if neighbour.start in used_starts:
                     continue
                 used_starts.add(neighbour.start)
-                yield neighbour, (window, logits)
+                yield neighbour, (window, full)
 
     def _seed_prediction(self, window: Window, seed: Tuple[Window, torch.Tensor], points: List[Point],
                          timings: dict, cancel) -> Prediction:
         """Predict in a neighbouring window from the previous window's mask: its logits moved
         into this window as the mask prompt, a positive point at the mask's centre in the
         overlap, and the user's points that lie in this window (so a click can correct it)."""
-        previous, logits = seed
+        previous, full = seed
         size = self.window_size
-        full = F.interpolate(logits.float(), size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0]
         shift = [w - p for w, p in zip(window.start, previous.start)]
         moved = torch.full((size,) * 3, -20.0, device=full.device)
         src = tuple(slice(max(0, s), size + min(0, s)) for s in shift)
