@@ -48,7 +48,6 @@ EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
-MASK_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")
 """Longest first: ``x.seg.nrrd`` is a Slicer segmentation, not a plain ``.nrrd``."""
 
 LARGE_DOWNLOAD_BYTES = 20 * 2**20
@@ -498,17 +497,6 @@ def _confirm_bundle_base(folder: Path, args) -> Optional[dict]:
 # ============================================================================================
 # segment
 # ============================================================================================
-def _mask_extension(path: Path) -> str:
-    name = path.name.lower()
-    for ext in MASK_EXTENSIONS:
-        if name.endswith(ext) and len(name) > len(ext):
-            return ext
-    raise SAMMed3DError(
-        f"cannot write a mask to {path}: unknown file extension; use .nii.gz, .nii, .nrrd or .seg.nrrd "
-        "(a 3D Slicer segmentation)"
-    )
-
-
 def _check_output(path: Path, what: str, overwrite: bool, image: Path) -> None:
     path = path.expanduser()
     if path.is_dir():
@@ -619,7 +607,7 @@ def cmd_segment(args, model=None) -> int:
     total_start = time.perf_counter()
     image_path = Path(args.image).expanduser()
     out_path = args.out.expanduser()
-    mask_ext = _mask_extension(out_path)
+    mask_ext = geometry.mask_file_extension(out_path)
     _check_output(out_path, "output mask", args.overwrite, image_path)
     if args.preview is not None:
         preview_path = args.preview.expanduser()

@@ -49,6 +49,8 @@ __all__ = [
     "load_volume",
     "volume_from_sitk",
     "save_mask",
+    "mask_file_extension",
+    "MASK_EXTENSIONS",
     "is_ct",
     "prepare_volume",
     "prepare_label",
@@ -400,10 +402,15 @@ def load_volume(path: PathLike) -> Volume:
 _DEFAULT_SEGMENT_COLOR = (0.501961, 0.682353, 0.501961)
 
 
-def _output_kind(path: Path) -> str:
+MASK_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")
+
+
+def mask_file_extension(path: PathLike) -> str:
+    """The mask format a path asks for (one of :data:`MASK_EXTENSIONS`), or a SAMMed3DError."""
+    path = Path(path)
     name = path.name.lower()
-    for ext in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd"):
-        if name.endswith(ext):
+    for ext in MASK_EXTENSIONS:
+        if name.endswith(ext) and len(name) > len(ext):
             return ext
     raise SAMMed3DError(
         f"cannot write a mask to {path}: unknown file extension; use .nii.gz, .nii, .nrrd or "
@@ -443,7 +450,7 @@ def save_mask(
     .seg.nrrd as a 3D Slicer segmentation (one segment per label value present; ``name`` names
     it, or maps label value -> name). Returns the path written."""
     p = Path(os.fspath(path)).expanduser()
-    kind = _output_kind(p)
+    kind = mask_file_extension(p)
     data = _mask_to_uint8(mask, reference)
     if not p.parent.is_dir():
         raise SAMMed3DError(f"cannot write {p}: the folder {p.parent} does not exist; create it.")
