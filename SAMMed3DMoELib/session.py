@@ -135,7 +135,8 @@ class Session:
         self._history: List[List[Tuple[int, object]]] = []
         self._ids = itertools.count(1)
         self._embeddings: "OrderedDict[Tuple[int, int, int], torch.Tensor]" = OrderedDict()
-        self._steps: Dict[Tuple[int, int, int], List[Tuple[tuple, Prediction]]] = {}
+        # (window start, expert, protocol, tau, selector, expert names) -> [(step, prediction)]
+        self._steps: Dict[tuple, List[Tuple[tuple, Prediction]]] = {}
         self.notes: List[str] = []
 
     # ------------------------------------------------------------------ prompts
@@ -259,18 +260,17 @@ class Session:
 
         regions = []
         windows = [first]
-        window_logits = {first.start: prediction.logits}
-        queue = [first]
+        queue = [(first, prediction.logits)]
         while queue:
-            window = queue.pop(0)
-            logits = window_logits[window.start]
+            window, logits = queue.pop(0)
             start = time.perf_counter()
-            region, offset = geometry.map_back(logits[0, 0], self.prepared, window)
+            # window-sized logits, used both to map back and to find the faces the mask touches
+            full = F.interpolate(logits.float(), size=(self.window_size,) * 3, mode="trilinear", align_corners=False)[0, 0]
+            region, offset = geometry.map_back(full, self.prepared, window)
             if box is not None and not self.model.base.box_prompts:
                 region = self._clip_to_box(region, offset, box)
             regions.append((region, offset))
             timings["map_back"] += (time.perf_counter() - start) * 1e3
-            full = F.interpolate(logits.float(), size=(self.window_size,) * 3, mode="trilinear", align_corners=False)[0, 0]
             for neighbour, seed in self._neighbours(window, full, windows):
                 if len(windows) >= self.max_windows:
                     notes.append(
@@ -282,8 +282,7 @@ class Session:
                 self._check_cancel(cancel)
                 windows.append(neighbour)
                 seeded = self._seed_prediction(neighbour, seed, points, timings, cancel)
-                window_logits[neighbour.start] = seeded.logits
-                queue.append(neighbour)
+                queue.append((neighbour, seeded.logits))
         for p in points:
             if all(self._in_window(w, p) is None for w in windows):
                 notes.append(
