@@ -232,9 +232,11 @@ def _read_dicom_series(folder: Path):
         ) from None
 
 
-def _sanitize(arr: np.ndarray, name: str) -> Tuple[float, float]:
-    """Replace NaN/inf by the minimum finite value (in place, with a warning) and refuse constant
-    images. Returns (min, max)."""
+def _check_voxels(arr: np.ndarray, name: str) -> Optional[float]:
+    """Refuse an all-NaN/inf or constant image; when some voxels are NaN/inf, warn and return the
+    value that replaces them (the minimum finite value), else None. ``arr`` is not modified."""
+    finite = None
+    n_bad = 0
     if arr.dtype.kind == "f":
         finite = np.isfinite(arr)
         n_bad = int(arr.size - np.count_nonzero(finite))
@@ -243,23 +245,29 @@ def _sanitize(arr: np.ndarray, name: str) -> Tuple[float, float]:
                 f"{name}: every voxel is NaN or infinite: there is no image to segment; "
                 "check the file or the step that produced it."
             )
-        if n_bad:
-            vmin = arr.min(where=finite, initial=np.inf)
-            np.copyto(arr, np.asarray(vmin, dtype=arr.dtype), where=~finite)
-            warnings.warn(
-                f"{name}: {n_bad} voxel(s) were NaN or infinite; they were replaced by the "
-                f"minimum finite value ({float(vmin):g}).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        del finite
-    vmin, vmax = float(arr.min()), float(arr.max())
+    vmin = float(arr.min(where=finite, initial=np.inf) if n_bad else arr.min())
+    vmax = float(arr.max(where=finite, initial=-np.inf) if n_bad else arr.max())
     if vmin == vmax:
         raise SAMMed3DError(
             f"{name}: the image is constant (all voxels = {vmin:g}): nothing to segment; "
             "load the actual scan."
         )
-    return vmin, vmax
+    if not n_bad:
+        return None
+    warnings.warn(
+        f"{name}: {n_bad} voxel(s) were NaN or infinite; they were replaced by the "
+        f"minimum finite value ({vmin:g}).",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return vmin
+
+
+def _sanitize(arr: np.ndarray, name: str) -> None:
+    """:func:`_check_voxels`, then replace NaN/inf voxels in place."""
+    fill = _check_voxels(arr, name)
+    if fill is not None:
+        np.copyto(arr, np.asarray(fill, dtype=arr.dtype), where=~np.isfinite(arr))
 
 
 def volume_from_sitk(image, name: str = "image", _fixup=None) -> Volume:
@@ -681,7 +689,7 @@ def prepare_volume(
     S[:3, 3] = 0.5 * ratio - 0.5
     affine = can_affine @ S
 
-    fill = _finite_fill_value(volume.array)
+    fill = _check_voxels(volume.array, "the volume")
     # Work in slabs along the longest prepared axis, so that a volume too large to convert to
     # float32 at once is still prepared: peak memory is the result plus one slab.
     out = np.empty(tuple(int(n) for n in new_shape), dtype=np.float32)
@@ -712,29 +720,6 @@ def prepare_volume(
         index[chunk_axis] = slice(m0, m1)
         out[tuple(index)] = x.permute(*axes).numpy()
     return PreparedVolume(array=out, affine=affine, source=volume, is_ct=bool(ct))
-
-
-def _finite_fill_value(array: np.ndarray) -> Optional[float]:
-    """Refuse a constant image; for float data with NaN/inf voxels, warn and return the value
-    that replaces them (the minimum finite value), else None."""
-    if np.issubdtype(array.dtype, np.floating):
-        finite = np.isfinite(array)
-        n_bad = int(finite.size - np.count_nonzero(finite))
-        if n_bad == finite.size:
-            raise SAMMed3DError("every voxel of the volume is NaN or infinite: nothing to segment.")
-        lo, hi = float(array[finite].min()), float(array[finite].max())
-    else:
-        n_bad, lo, hi = 0, float(array.min()), float(array.max())
-    if lo == hi:
-        raise SAMMed3DError(f"the image is constant (all voxels = {lo:g}): nothing to segment.")
-    if not n_bad:
-        return None
-    warnings.warn(
-        f"{n_bad} voxel(s) were NaN or infinite; replaced by the minimum finite value ({lo:g}).",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    return lo
 
 
 def _sample_grid(
