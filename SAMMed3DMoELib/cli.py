@@ -599,7 +599,7 @@ def cmd_segment(args, model=None) -> int:
     """``segment``; ``model`` (a SamMed3DMoE) replaces ``--model`` when given (used by ``demo``)."""
     import numpy as np
 
-    from . import geometry, weights
+    from . import volume_io, weights
     from .device import describe_device, select_device, set_cpu_threads
     from .moe import AUTO, GENERAL
     from .session import Session
@@ -607,7 +607,7 @@ def cmd_segment(args, model=None) -> int:
     total_start = time.perf_counter()
     image_path = Path(args.image).expanduser()
     out_path = args.out.expanduser()
-    mask_ext = geometry.mask_file_extension(out_path)
+    mask_ext = volume_io.mask_file_extension(out_path)
     _check_output(out_path, "output mask", args.overwrite, image_path)
     if args.preview is not None:
         preview_path = args.preview.expanduser()
@@ -626,7 +626,7 @@ def cmd_segment(args, model=None) -> int:
     stages = _Stages(total=5 + (args.preview is not None))
     try:
         with stages.step("reading the image", "load_image"):
-            volume = geometry.load_volume(image_path)
+            volume = volume_io.load_volume(image_path)
         prompts = _prompts_in_ras(volume, args.prompts)
 
         with stages.step("loading the model", "load_model"):
@@ -659,7 +659,7 @@ def cmd_segment(args, model=None) -> int:
         with stages.step("writing the mask", "save"):
             tmp = _temporary_sibling(out_path, mask_ext)
             try:
-                geometry.save_mask(mask, volume, tmp, name=args.name)
+                volume_io.save_mask(mask, volume, tmp, name=args.name)
                 os.replace(tmp, out_path)
             finally:
                 if tmp.exists():
@@ -892,7 +892,7 @@ def cmd_demo(args) -> int:
     """``demo``: one click at an organ's centre on the example CT, then Dice against its label."""
     import numpy as np
 
-    from . import geometry
+    from . import volume_io
     from .model import build_sam_med3d
     from .moe import SamMed3DMoE
 
@@ -906,7 +906,7 @@ def cmd_demo(args) -> int:
     ids = {entry["name"]: int(key) for key, entry in json.loads(names.read_text()).items()}
     if args.target not in ids:
         raise SAMMed3DError(f"no organ named {args.target!r} in {names.name}; choose one of: {', '.join(sorted(ids))}")
-    reference = geometry.load_volume(labels).array == ids[args.target]
+    reference = volume_io.load_volume(labels).array == ids[args.target]
     inside = np.argwhere(reference)
     click = inside[np.argmin(np.linalg.norm(inside - inside.mean(0), axis=1))]  # organ voxel nearest its centroid
 

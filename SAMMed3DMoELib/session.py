@@ -34,10 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import geometry
+from . import geometry, windows
 from .device import select_device
 from .errors import CancelledError, SAMMed3DError
-from .geometry import PreparedVolume, Volume, Window
+from .geometry import PreparedVolume, Volume
+from .windows import Window
 from .moe import AUTO, NORMALIZATIONS, Prediction, SamMed3DMoE
 
 PROTOCOLS = ("newest", "accumulate")
@@ -168,7 +169,7 @@ class Session:
                 f"the box {lo.round(1).tolist()}..{hi.round(1).tolist()} mm has (almost) zero extent on at "
                 f"least one axis; drag it over the object in all three directions"
             )
-        geometry.window_for_box(self.prepared, lo, hi, self.window_size)  # refuses a box off the volume
+        windows.window_for_box(self.prepared, lo, hi, self.window_size)  # refuses a box off the volume
         self._save_history()
         self._prompts = [(i, p) for i, p in self._prompts if not isinstance(p, Box)]
         box_id = next(self._ids)
@@ -251,28 +252,28 @@ class Session:
         notes: List[str] = []
         box = boxes[0] if boxes else None
         if box is not None:
-            first = geometry.window_for_box(self.prepared, box.ras_min, box.ras_max, self.window_size)
+            first = windows.window_for_box(self.prepared, box.ras_min, box.ras_max, self.window_size)
         else:
             first_positive = next(p for p in points if p.positive)
-            first = geometry.window_for_point(self.prepared, first_positive.ras, self.window_size)
+            first = windows.window_for_point(self.prepared, first_positive.ras, self.window_size)
         steps = self._prompt_steps(first, points, box, notes)
         prediction = self._replay(first, steps, timings, cancel)
 
         regions = []
-        windows = [first]
+        visited = [first]
         queue = [(first, prediction.logits)]
         while queue:
             window, logits = queue.pop(0)
             start = time.perf_counter()
             # window-sized logits, used both to map back and to find the faces the mask touches
             full = F.interpolate(logits.float(), size=(self.window_size,) * 3, mode="trilinear", align_corners=False)[0, 0]
-            region, offset = geometry.map_back(full, self.prepared, window)
+            region, offset = windows.map_back(full, self.prepared, window)
             if box is not None and not self.model.base.box_prompts:
                 region = self._clip_to_box(region, offset, box)
             regions.append((region, offset))
             timings["map_back"] += (time.perf_counter() - start) * 1e3
-            for neighbour, seed in self._neighbours(window, full, windows):
-                if len(windows) >= self.max_windows:
+            for neighbour, seed in self._neighbours(window, full, visited):
+                if len(visited) >= self.max_windows:
                     notes.append(
                         f"the object reaches past the window limit (max_windows={self.max_windows}); the mask "
                         "stops there (raise max_windows to follow it further)"
@@ -280,11 +281,11 @@ class Session:
                     queue = []
                     break
                 self._check_cancel(cancel)
-                windows.append(neighbour)
+                visited.append(neighbour)
                 seeded = self._seed_prediction(neighbour, seed, points, timings, cancel)
                 queue.append((neighbour, seeded.logits))
         for p in points:
-            if all(self._in_window(w, p) is None for w in windows):
+            if all(self._in_window(w, p) is None for w in visited):
                 notes.append(
                     f"the point {np.round(p.ras, 1).tolist()} mm lies outside every window the object reached "
                     "and was not used; place points on the same object, or start a new segment for it"
@@ -298,7 +299,7 @@ class Session:
             decoders=prediction.decoders,
             weights=prediction.weights,
             scores=prediction.scores,
-            windows=[w.start for w in windows],
+            windows=[w.start for w in visited],
             timings_ms={k: round(v, 2) for k, v in timings.items()},
             notes=sorted(set(self.notes + notes)),
         )
@@ -310,7 +311,7 @@ class Session:
             # all 8 corners: on an oblique grid two opposite RAS corners are not the extremes
             lo, hi = box.ras_min, box.ras_max
             corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-            corners = geometry.ras_to_window(self.prepared, window, corners)
+            corners = windows.ras_to_window(self.prepared, window, corners)
             box_window = (tuple(corners.min(axis=0)), tuple(corners.max(axis=0)))
             if not self.model.base.box_prompts:
                 notes.append(
@@ -337,7 +338,7 @@ class Session:
 
     def _in_window(self, window: Window, point: Point) -> Optional[np.ndarray]:
         """The point's voxel coordinates in ``window``, or None when it lies outside."""
-        c = geometry.ras_to_window(self.prepared, window, np.array([point.ras]))[0]
+        c = windows.ras_to_window(self.prepared, window, np.array([point.ras]))[0]
         return None if np.any(c < -0.5) or np.any(c > self.window_size - 0.5) else c
 
     def _replay(self, window: Window, steps: List[tuple], timings: dict, cancel) -> Prediction:
@@ -381,7 +382,7 @@ class Session:
             return cached
         self._check_cancel(cancel)
         start = time.perf_counter()
-        image = geometry.extract_window_tensor(self.prepared, window, self.device)[None, None].to(self.dtype)
+        image = windows.extract_window_tensor(self.prepared, window, self.device)[None, None].to(self.dtype)
         with torch.inference_mode():
             embedding = self.model.encode(image)
         timings["encode"] += (time.perf_counter() - start) * 1e3

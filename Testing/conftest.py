@@ -1,4 +1,5 @@
-"""Shared fixtures: where the read-only shared material lives, and the full-size reference model."""
+"""Shared fixtures: the repository's sample scans and parity references, and the full-size
+reference model. A missing fixture is a failure, never a skip."""
 
 from __future__ import annotations
 
@@ -10,16 +11,21 @@ import pytest
 TESTING_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTING_DIR))  # reference_weights, hub_server, ...
 
-SHARED_DIR = TESTING_DIR.parents[1] / "shared"
-DATA_DIR = SHARED_DIR / "data" / "totalsegmentator-example"
+REPO_DIR = TESTING_DIR.parent
+DATA_DIR = REPO_DIR / "Resources" / "SampleData" / "totalsegmentator-example"
+
+
+def require_fixture(path: Path) -> Path:
+    """``path``, or a test failure naming it (fixtures ship with the repository)."""
+    if not path.exists():
+        pytest.fail(f"test fixture missing: {path}; it is part of the repository (restore it with git)")
+    return path
 
 
 @pytest.fixture(scope="session")
-def shared_data_dir() -> Path:
-    """The real example scans (read-only)."""
-    if not DATA_DIR.is_dir():
-        pytest.skip(f"shared example data not found at {DATA_DIR}")
-    return DATA_DIR
+def data_dir() -> Path:
+    """The real example scans (Resources/SampleData, read them only)."""
+    return require_fixture(DATA_DIR)
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +36,7 @@ def reference_model_f64():
     from reference_weights import REFERENCE_DIR, reference_state_dict
     from SAMMed3DMoELib.model import build_sam_med3d
 
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip(f"shared reference outputs not found at {REFERENCE_DIR}")
+    require_fixture(REFERENCE_DIR)
     model = build_sam_med3d(box_prompts=True).to(torch.float64)
     model.load_state_dict(reference_state_dict(box_prompts=True), strict=True)
     return model

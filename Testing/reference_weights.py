@@ -1,4 +1,4 @@
-"""The normative weight formula of ``shared/reference/README.md`` and helpers to load the
+"""The normative weight formula of ``Testing/Data/reference/README.md`` and helpers to load the
 reference outputs; used by the parity tests and the encoder benchmark."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parent / "Data" / "reference"
 REFERENCE_SEED = 20261123
 
 

@@ -27,8 +27,8 @@ CLICK = (60, 50, 15)  # a voxel in the abdomen of example_ct_sm (122 x 101 x 30)
 # Fixtures and helpers
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ct_path(shared_data_dir) -> Path:
-    return shared_data_dir / "example_ct_sm.nii.gz"
+def ct_path(data_dir) -> Path:
+    return data_dir / "example_ct_sm.nii.gz"
 
 
 @pytest.fixture(scope="module")
@@ -460,12 +460,10 @@ def test_convert_of_a_tiny_checkpoint_is_refused_with_the_reason(capsys, tmp_pat
 
 @pytest.mark.slow
 def test_convert_full_size_reference_checkpoint_then_info(capsys, tmp_path):
-    from reference_weights import REFERENCE_DIR, reference_state_dict
+    from reference_weights import reference_state_dict
 
     from SAMMed3DMoELib.model import build_sam_med3d
 
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip(f"shared reference key lists not found at {REFERENCE_DIR}")
     state = reference_state_dict(False, torch.float32)
     checkpoint = tmp_path / "reference.pth"
     torch.save({"model_state_dict": state, "epoch": 1}, checkpoint)
@@ -628,16 +626,16 @@ def test_bundle_whose_base_is_on_the_hub(capsys, tmp_path, ct_path, models, hub_
 
 
 @pytest.mark.slow
-def test_demo_clicks_the_organ_and_reports_dice(capsys, tmp_path, shared_data_dir):
+def test_demo_clicks_the_organ_and_reports_dice(capsys, tmp_path, data_dir):
     """The README's main command: full-size untrained network, one click inside the spleen."""
-    status = cli.main(["demo", "--data", str(shared_data_dir), "--out", str(tmp_path), "--json"])
+    status = cli.main(["demo", "--data", str(data_dir), "--out", str(tmp_path), "--json"])
     assert status == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert "UNTRAINED" in captured.err and "Dice against the reference spleen label" in captured.err
-    labels = np.asarray(nib.load(shared_data_dir / "example_seg.nii.gz").dataobj)
+    labels = np.asarray(nib.load(data_dir / "example_seg.nii.gz").dataobj)
     click = summary["prompts"][0]
-    ijk = np.round(np.linalg.inv(nib.load(shared_data_dir / "example_ct_sm.nii.gz").affine)
+    ijk = np.round(np.linalg.inv(nib.load(data_dir / "example_ct_sm.nii.gz").affine)
                    @ np.r_[click["ras"], 1.0])[:3].astype(int)
     assert labels[tuple(ijk)] == 1, "the demo's click lies inside the spleen"
     mask = nib.load(tmp_path / "spleen_mask.nii.gz")

@@ -1,6 +1,6 @@
 """Geometry: loading, the prepared grid, windows, mapping masks back, saving.
 
-Uses the real TotalSegmentator example scans (shared/data/totalsegmentator-example). The CT is
+Uses the real TotalSegmentator example scans (Resources/SampleData/totalsegmentator-example). The CT is
 also rewritten in four other geometries (oblique, anisotropic, permuted+flipped, all three at
 once) so every check runs on grids where a mix-up of axes, signs or voxel centres shows.
 """
@@ -8,7 +8,6 @@ once) so every check runs on grids where a mix-up of axes, signs or voxel centre
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -18,34 +17,20 @@ import torch
 import torch.nn.functional as F
 
 from SAMMed3DMoELib.errors import SAMMed3DError
-from SAMMed3DMoELib.geometry import (
-    PreparedVolume,
-    Volume,
+from SAMMed3DMoELib.geometry import PreparedVolume, Volume, canonical_transform, is_ct, prepare_label, prepare_volume
+from SAMMed3DMoELib.volume_io import load_volume, save_mask
+from SAMMed3DMoELib.windows import (
     Window,
-    canonical_transform,
     extract_window,
     extract_window_tensor,
-    is_ct,
-    load_volume,
     map_back,
-    prepare_label,
-    prepare_volume,
     ras_to_window,
     region_bbox,
-    save_mask,
     window_for_box,
     window_for_point,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator-example"
 ORGANS = {"spleen": 1, "kidney_left": 3, "liver": 5}
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    if not DATA_DIR.is_dir():
-        pytest.skip(f"shared example data not found at {DATA_DIR} (needs shared/data next to the repo)")
-    return DATA_DIR
 
 
 # --------------------------------------------------------------------------- helpers

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reference_weights import reference_input, reference_outputs, reference_state_dict
-from SAMMed3DMoELib import geometry
+from SAMMed3DMoELib import volume_io
 from SAMMed3DMoELib.model import build_sam_med3d
 from SAMMed3DMoELib.moe import SamMed3DMoE
 from SAMMed3DMoELib.session import Session
@@ -39,8 +39,8 @@ def test_half_precision_encoder_is_close_to_literal(dtype):
     assert (fast - literal).abs().max() <= 0.1 * literal.abs().max()
 
 
-def test_out_of_memory_falls_back_to_cpu(shared_data_dir):
-    volume = geometry.load_volume(shared_data_dir / "example_ct_sm.nii.gz")
+def test_out_of_memory_falls_back_to_cpu(data_dir):
+    volume = volume_io.load_volume(data_dir / "example_ct_sm.nii.gz")
     session = Session(volume, SamMed3DMoE(build_sam_med3d()), device="cuda", max_windows=1)
     session.add_point(volume.ijk_to_ras(np.array([[60.0, 50.0, 15.0]]))[0])
     hog = []

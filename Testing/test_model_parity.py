@@ -1,5 +1,5 @@
 """The network equals the official SAM-Med3D: official state-dict names and shapes, and every
-array of shared/reference reproduced (float64 to 1e-7, float32 to 2e-4) with the full-size model.
+array of Testing/Data/reference reproduced (float64 to 1e-7, float32 to 2e-4) with the full-size model.
 """
 
 from __future__ import annotations

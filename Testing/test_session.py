@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from SAMMed3DMoELib import geometry
+from SAMMed3DMoELib import volume_io, windows
 from SAMMed3DMoELib.errors import CancelledError, SAMMed3DError
 from SAMMed3DMoELib.moe import SamMed3DMoE
 from SAMMed3DMoELib.session import Session, SessionWorker
@@ -19,8 +19,8 @@ from tiny_models import constant_mask_decoder, tiny_moe, tiny_sam
 
 
 @pytest.fixture(scope="module")
-def ct(shared_data_dir):
-    return geometry.load_volume(shared_data_dir / "example_ct_sm.nii.gz")
+def ct(data_dir):
+    return volume_io.load_volume(data_dir / "example_ct_sm.nii.gz")
 
 
 def _counter(module):
@@ -63,16 +63,16 @@ def test_newest_protocol_matches_a_manual_replay(ct):
     result = session.predict()
 
     prepared = session.prepared
-    window = geometry.window_for_point(prepared, a, moe.base.img_size)
-    image = torch.from_numpy(geometry.extract_window(prepared, window))[None, None]
-    coords = geometry.ras_to_window(prepared, window, np.array([a, b]))
+    window = windows.window_for_point(prepared, a, moe.base.img_size)
+    image = torch.from_numpy(windows.extract_window(prepared, window))[None, None]
+    coords = windows.ras_to_window(prepared, window, np.array([a, b]))
     with torch.no_grad():
         embedding = moe.encode(image)
         mask = torch.zeros(1, 1, 16, 16, 16)
         for point, label in zip(coords, (1, 0)):
             pts = (torch.tensor(np.array([[point]]), dtype=torch.float32), torch.tensor([[label]]))
             mask = moe.predict(embedding, points=pts, mask_logits=mask).logits
-    expected, offset = geometry.map_back(mask[0, 0], prepared, window)
+    expected, offset = windows.map_back(mask[0, 0], prepared, window)
     assert tuple(offset) == tuple(result.offset)
     assert np.array_equal(expected, result.region)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from reference_weights import REFERENCE_DIR, reference_state_dict
+from reference_weights import reference_state_dict
 from SAMMed3DMoELib import weights as W
 from SAMMed3DMoELib.errors import SAMMed3DError
 from SAMMed3DMoELib.moe import ExpertInfo, GatingNetwork, SamMed3DMoE
@@ -558,8 +558,6 @@ def test_gate_with_other_sizes_round_trips(tmp_path):
 # Full size (the official architecture)
 # --------------------------------------------------------------------------------------------
 def test_full_size_official_checkpoint_and_bundle(tmp_path):
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip(f"shared reference key list not found at {REFERENCE_DIR}")
     sd = reference_state_dict(box_prompts=False, dtype=torch.float32)
     path = tmp_path / "sam_med3d_turbo.pth"
     torch.save({"model_state_dict": {f"module.{k}": v for k, v in sd.items()},

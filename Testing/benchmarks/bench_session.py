@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from SAMMed3DMoELib import geometry
+from SAMMed3DMoELib import geometry, volume_io
 from SAMMed3DMoELib.device import describe_device, select_device, set_cpu_threads
 from SAMMed3DMoELib.model import build_sam_med3d
 from SAMMed3DMoELib.moe import SamMed3DMoE
 from SAMMed3DMoELib.session import Session
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "totalsegmentator-example"
+DATA = Path(__file__).resolve().parents[2] / "Resources" / "SampleData" / "totalsegmentator-example"
 
 
 class PeakRSS:
@@ -152,7 +152,7 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores visible, {describe_device(device)}, "
           f"torch {torch.__version__}" + (f", {args.threads} CPU threads" if device.type == "cpu" else ""))
     volumes = []
-    ct = geometry.load_volume(DATA / "example_ct.nii.gz")
+    ct = volume_io.load_volume(DATA / "example_ct.nii.gz")
     volumes.append(("example CT (TotalSegmentator)", ct, np.array([60, 50, 56])))
     if not args.skip_synthetic:
         synth, centre = synthetic_ct()
