@@ -44,7 +44,6 @@ forwards the progress to its own thread.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -52,7 +51,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 from huggingface_hub import (
     HfApi,
@@ -79,7 +78,9 @@ from huggingface_hub.file_download import http_get, repo_folder_name
 from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_objects
 from tqdm.auto import tqdm
 
+from .catalog import CatalogEntry, load_catalog, spec_form
 from .errors import CancelledError, SAMMed3DError
+from .files import CHECKPOINT_SUFFIXES, SHA256_RE
 
 __all__ = [
     "CatalogEntry",
@@ -98,114 +99,11 @@ ProgressCallback = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)``; ``total_bytes`` is 0 while the size is unknown."""
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-CATALOG_PATH = Path(__file__).with_name("catalog.json")
-# The files weights.load_checkpoint reads (kept equal to weights.CHECKPOINT_SUFFIXES by a test;
-# not imported from there so that downloads do not import torch).
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 BUNDLE_CONFIG = "config.json"
 
 _CHUNK_BYTES = 256 * 1024  # network read size while downloading: the step of progress and cancel
 _PARTIAL_SUFFIX = ".partial"  # blobs/<etag>.partial: bytes kept from an interrupted download
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
-_REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-# --------------------------------------------------------------------------------------------
-# Catalog
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CatalogEntry:
-    """One known model. ``kind`` is ``"checkpoint"`` (one file: ``filename`` in ``repo_id``) or
-    ``"bundle"`` (a whole Hub repo: a folder with ``config.json``; ``filename`` is None).
-    ``sha256`` None means no published checksum is known; ``size_mb`` is the documented size
-    (the exact size comes from the server, see :func:`remote_file_info`)."""
-
-    name: str
-    repo_id: str
-    filename: Optional[str]
-    revision: Optional[str]
-    sha256: Optional[str]
-    size_mb: Optional[float]
-    kind: str
-    box_prompts: bool
-    description: str
-
-
-_ENTRY_KEYS = {
-    "name", "repo_id", "filename", "revision", "sha256", "size_mb", "kind", "box_prompts", "description",
-}
-_IGNORED_KEYS = {"notes"}  # for maintainers: where a value comes from
-
-
-def load_catalog(path: Union[str, os.PathLike, None] = None) -> dict[str, CatalogEntry]:
-    """The known models by name, from the packaged ``catalog.json`` or from ``path``."""
-    source = Path(path) if path is not None else CATALOG_PATH
-    try:
-        data = json.loads(source.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SAMMed3DError(f"Model catalog not found: {source}. Pass the path of an existing catalog JSON file.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SAMMed3DError(f"Model catalog {source} cannot be read: {exc}. Fix or replace the file.") from None
-    models = data.get("models") if isinstance(data, dict) else None
-    if not isinstance(models, list):
-        raise SAMMed3DError(f"Model catalog {source} has no \"models\" list. Use the layout of the packaged catalog.json.")
-    catalog: dict[str, CatalogEntry] = {}
-    for index, raw in enumerate(models):
-        entry = _catalog_entry(raw, where=f"{source}, model #{index + 1}")
-        if entry.name in catalog:
-            raise SAMMed3DError(f"Model catalog {source} lists '{entry.name}' twice. Give every model its own name.")
-        catalog[entry.name] = entry
-    return catalog
-
-
-def _catalog_entry(raw: object, *, where: str) -> CatalogEntry:
-    def bad(what: str) -> SAMMed3DError:
-        return SAMMed3DError(f"Model catalog entry ({where}): {what}. Fix the catalog file.")
-
-    if not isinstance(raw, dict):
-        raise bad("is not a JSON object")
-    unknown = set(raw) - _ENTRY_KEYS - _IGNORED_KEYS
-    if unknown:
-        raise bad(f"unknown keys {sorted(unknown)} (allowed: {sorted(_ENTRY_KEYS | _IGNORED_KEYS)})")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise bad("'name' must be a non-empty string without '/'")
-    where = f"{where} '{name}'"
-    kind = raw.get("kind", "checkpoint")
-    if kind not in ("checkpoint", "bundle"):
-        raise bad(f"'kind' is {kind!r}; it must be \"checkpoint\" or \"bundle\"")
-    repo_id = raw.get("repo_id")
-    if not isinstance(repo_id, str) or not _REPO_ID_RE.fullmatch(repo_id):
-        raise bad(f"'repo_id' is {repo_id!r}; it must be a Hub repo id 'owner/name'")
-    filename = raw.get("filename")
-    if kind == "checkpoint" and (not isinstance(filename, str) or not filename):
-        raise bad("a checkpoint needs 'filename' (the file's path in the repo)")
-    if kind == "bundle" and filename is not None:
-        raise bad("a bundle is the whole repo; set 'filename' to null")
-    revision = raw.get("revision")
-    if revision is not None and (not isinstance(revision, str) or not revision):
-        raise bad("'revision' must be null or a branch, tag or commit")
-    sha256 = raw.get("sha256")
-    if sha256 is not None:
-        if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256.lower()):
-            raise bad("'sha256' must be null or 64 hexadecimal digits")
-        sha256 = sha256.lower()
-    size_mb = raw.get("size_mb")
-    if size_mb is not None and (isinstance(size_mb, bool) or not isinstance(size_mb, (int, float)) or size_mb < 0):
-        raise bad("'size_mb' must be null or a non-negative number")
-    box_prompts = raw.get("box_prompts", False)
-    if not isinstance(box_prompts, bool):
-        raise bad("'box_prompts' must be true or false")
-    description = raw.get("description", "")
-    if not isinstance(description, str):
-        raise bad("'description' must be a string")
-    return CatalogEntry(
-        name=name, repo_id=repo_id, filename=filename, revision=revision, sha256=sha256,
-        size_mb=size_mb, kind=kind, box_prompts=box_prompts, description=description,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,7 +545,7 @@ def _fetch_file(repo_id: str, filename: str, *, revision: Optional[str], sha256:
     what = _describe(repo_id, filename, revision)
     if sha256 is not None:
         sha256 = sha256.strip().lower()
-        if not _SHA256_RE.fullmatch(sha256):
+        if not SHA256_RE.fullmatch(sha256):
             raise SAMMed3DError(f"Expected SHA-256 for {what} is not 64 hexadecimal digits: {sha256!r}.")
     _raise_if_cancelled(cancel, what)
 
@@ -684,7 +582,7 @@ def _fetch_file(repo_id: str, filename: str, *, revision: Optional[str], sha256:
     partial = blob.with_name(etag + _PARTIAL_SUFFIX)
     pointer = storage / "snapshots" / str(meta.commit) / filename
     fresh = not blob.exists() and not pointer.exists()
-    server_sha = etag.lower() if _SHA256_RE.fullmatch(etag.lower()) else None
+    server_sha = etag.lower() if SHA256_RE.fullmatch(etag.lower()) else None
     # hf_xet downloads Xet files itself (with its own chunk cache); the .partial files are for HTTP.
     plain_http = not (meta.xet and _xet_available())
 
@@ -910,7 +808,7 @@ def resolve_model(
     if local.exists():
         return _local_model(local)
     names = ", ".join(sorted(entries)) or "(none)"
-    form = _spec_form(text)
+    form = spec_form(text)
     if form == "local":
         raise SAMMed3DError(
             f"Model file or folder not found: {local}. Check the path, or use a catalog name ({names}) "
@@ -935,40 +833,6 @@ def resolve_model(
         "Give a catalog name, a local .pth/.safetensors file or bundle folder, or a Hub repo id "
         "'owner/name' (bundle) or 'owner/name/file.pth' (checkpoint)."
     )
-
-
-def remote_target(spec: str, catalog: Optional[Dict[str, "CatalogEntry"]] = None) -> Optional[Tuple[str, Optional[str], Optional[str]]]:
-    """``(repo_id, filename or None for a bundle repository, revision)`` when
-    :func:`resolve_model` would fetch ``spec`` from the Hub; None for local paths."""
-    entries = load_catalog() if catalog is None else catalog
-    if spec in entries:
-        entry = entries[spec]
-        return entry.repo_id, entry.filename, entry.revision
-    if os.path.exists(os.path.expanduser(spec)):
-        return None
-    form = _spec_form(spec)
-    parts = spec.split("/")
-    if form == "hub-file":
-        return "/".join(parts[:2]), "/".join(parts[2:]), None
-    if form == "hub-repo":
-        return spec, None, None
-    return None
-
-
-def _spec_form(text: str) -> str:
-    """How a spec that is neither a catalog name nor an existing path reads: local/hub-file/hub-repo/unknown."""
-    if (os.path.isabs(text) or text.startswith((".", "~")) or "\\" in text
-            or re.match(r"[A-Za-z]:", text) or "//" in text or text.endswith("/")):
-        return "local"
-    parts = text.split("/")
-    has_suffix = parts[-1].lower().endswith(CHECKPOINT_SUFFIXES)
-    if len(parts) == 1:
-        return "local" if has_suffix else "unknown"
-    if not _REPO_ID_RE.fullmatch("/".join(parts[:2])):
-        return "local"
-    if len(parts) == 2:
-        return "local" if has_suffix else "hub-repo"  # 'ckpt/model.pth' is a path, not a repo
-    return "hub-file" if has_suffix else "local"
 
 
 def _local_model(path: Path) -> Path:

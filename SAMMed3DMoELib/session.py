@@ -16,19 +16,18 @@ edge, the session continues in the neighbouring window (50 % overlap, as the SAM
 does), seeded with the mask found so far and a positive point inside it, until the object closes
 or ``max_windows`` is reached.
 
-:class:`SessionWorker` runs model work on one persistent thread for GUIs.
+GUIs run sessions on :class:`~SAMMed3DMoELib.worker.SessionWorker`'s persistent thread.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import threading
 import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,26 +37,11 @@ from . import geometry, windows
 from .device import select_device
 from .errors import CancelledError, SAMMed3DError
 from .geometry import PreparedVolume, Volume
-from .windows import Window
 from .moe import AUTO, NORMALIZATIONS, Prediction, SamMed3DMoE
+from .prompts import Box, Point, as_xyz
+from .windows import Window
 
 PROTOCOLS = ("newest", "accumulate")
-
-
-@dataclass(frozen=True)
-class Point:
-    """A click in RAS mm; ``positive`` False for a background click."""
-
-    ras: Tuple[float, float, float]
-    positive: bool = True
-
-
-@dataclass(frozen=True)
-class Box:
-    """An axis-aligned box in RAS mm, given by two opposite corners."""
-
-    ras_min: Tuple[float, float, float]
-    ras_max: Tuple[float, float, float]
 
 
 @dataclass
@@ -152,7 +136,7 @@ class Session:
 
     def add_point(self, ras, positive: bool = True) -> int:
         """Add a click at RAS mm; returns its id. A point off the volume is refused."""
-        point = Point(tuple(_xyz(ras, "a point")), bool(positive))
+        point = Point(tuple(as_xyz(ras, "a point")), bool(positive))
         self._check_on_volume(point.ras)
         return self._push(point)
 
@@ -162,7 +146,7 @@ class Session:
 
     def set_box(self, ras_min, ras_max) -> int:
         """Set the box prompt (replacing an earlier box); returns its id."""
-        a, b = _xyz(ras_min, "a box corner"), _xyz(ras_max, "a box corner")
+        a, b = as_xyz(ras_min, "a box corner"), as_xyz(ras_max, "a box corner")
         lo, hi = np.minimum(a, b), np.maximum(a, b)
         if np.any(hi - lo < float(self.volume.spacing.min())):  # thinner than a voxel along R, A or S
             raise SAMMed3DError(
@@ -459,17 +443,6 @@ class Session:
             raise CancelledError("the segmentation was cancelled")
 
 
-def _xyz(values, what: str) -> np.ndarray:
-    """Three finite coordinates, or a SAMMed3DError saying what was given."""
-    try:
-        xyz = np.asarray(values, dtype=float).reshape(-1)
-    except (TypeError, ValueError):
-        xyz = np.array([])
-    if xyz.size != 3 or not np.all(np.isfinite(xyz)):
-        raise SAMMed3DError(f"{what} needs three finite coordinates (R, A, S in mm), got {values!r}")
-    return xyz
-
-
 def _union(regions: List[Tuple[np.ndarray, Tuple[int, int, int]]]) -> Tuple[np.ndarray, Tuple[int, int, int]]:
     """OR of boxed regions, in their common bounding box."""
     if len(regions) == 1:
@@ -481,50 +454,3 @@ def _union(regions: List[Tuple[np.ndarray, Tuple[int, int, int]]]) -> Tuple[np.n
         o = np.asarray(offset) - lo
         out[o[0]:o[0] + region.shape[0], o[1]:o[1] + region.shape[1], o[2]:o[2] + region.shape[2]] |= region
     return out, tuple(int(v) for v in lo)
-
-
-class SessionWorker:
-    """One persistent thread that runs model work for a GUI (CUDA state is per thread).
-
-    ``submit(fn, *args, key=...)`` returns a ``concurrent.futures.Future``; a newer job with the
-    same key supersedes a stale one that has not started (its future is cancelled). Jobs that
-    accept a ``cancel`` keyword get a ``threading.Event`` set by :meth:`cancel_all` or by a
-    superseding job, so long work (several windows) stops between steps.
-    """
-
-    def __init__(self) -> None:
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sammed3d-worker")
-        self._pending: Dict[concurrent.futures.Future, Tuple[object, threading.Event]] = {}
-        self._lock = threading.RLock()  # a cancelled future's done-callback runs inside submit()
-
-    def submit(self, fn: Callable, *args, key: object = None, pass_cancel: bool = False, **kwargs) -> concurrent.futures.Future:
-        """Queue ``fn(*args, **kwargs)``; with ``pass_cancel`` it also gets ``cancel=Event``."""
-        event = threading.Event()
-        if pass_cancel:
-            kwargs["cancel"] = event
-        with self._lock:
-            if key is not None:
-                for future, (job_key, old_event) in list(self._pending.items()):
-                    if job_key == key:
-                        old_event.set()
-                        future.cancel()
-            future = self._executor.submit(fn, *args, **kwargs)
-            self._pending[future] = (key, event)
-        future.add_done_callback(self._forget)
-        return future
-
-    def _forget(self, future) -> None:
-        with self._lock:
-            self._pending.pop(future, None)
-
-    def cancel_all(self) -> None:
-        """Cancel queued jobs and ask running ones to stop."""
-        with self._lock:
-            jobs = list(self._pending.items())
-        for future, (_key, event) in jobs:
-            event.set()
-            future.cancel()
-
-    def shutdown(self) -> None:
-        self.cancel_all()
-        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -16,7 +16,8 @@ import SimpleITK as sitk
 import torch
 
 from hub_server import hub_server  # noqa: F401  (pytest fixture)
-from SAMMed3DMoELib import cli, hub, weights
+from SAMMed3DMoELib import bundle, catalog, cli, hub, preview
+from SAMMed3DMoELib.cli import models as cli_models
 from SAMMed3DMoELib.geometry import Volume
 from tiny_models import constant_mask_decoder, tiny_moe, tiny_sam
 
@@ -37,12 +38,12 @@ def models(tmp_path_factory) -> dict:
     say background everywhere and expert1 says object everywhere, and a tiny .pth checkpoint."""
     root = tmp_path_factory.mktemp("models")
     moe = tiny_moe()
-    random_bundle = weights.save_bundle(moe, root / "random")
+    random_bundle = bundle.save_bundle(moe, root / "random")
     const = tiny_moe()
     constant_mask_decoder(const.base.mask_decoder, -10.0)
     constant_mask_decoder(const.experts["expert1"], 10.0)
     constant_mask_decoder(const.experts["expert2"], -10.0)
-    const_bundle = weights.save_bundle(const, root / "const")
+    const_bundle = bundle.save_bundle(const, root / "const")
     checkpoint = root / "tiny.pth"
     torch.save({"model_state_dict": tiny_sam(box_prompts=False).state_dict()}, checkpoint)
     return {"random": random_bundle, "const": const_bundle, "pth": checkpoint, "moe": moe}
@@ -278,8 +279,8 @@ def test_preview_orientation_is_radiological_and_independent_of_storage_order():
     lps_volume, lps_mask = _synthetic(True)
     centre = ras_volume.ijk_to_ras(np.array([[33.0, 23.0, 14.0]]))[0]
     assert np.allclose(lps_volume.ijk_to_ras(np.array([[39 - 33.0, 29 - 23.0, 14.0]]))[0], centre)
-    image_a, panels_a = cli.render_preview(ras_volume, ras_mask, centre, ct=False)
-    image_b, panels_b = cli.render_preview(lps_volume, lps_mask, centre, ct=False)
+    image_a, panels_a = preview.render_preview(ras_volume, ras_mask, centre, ct=False)
+    image_b, panels_b = preview.render_preview(lps_volume, lps_mask, centre, ct=False)
     assert panels_a == panels_b
     assert np.array_equal(np.asarray(image_a), np.asarray(image_b))
 
@@ -386,7 +387,7 @@ def test_unexpected_errors_exit_1_or_show_the_traceback_with_debug(capsys, monke
     def boom(*args, **kwargs):
         raise RuntimeError("something internal broke")
 
-    monkeypatch.setattr(hub, "load_catalog", boom)
+    monkeypatch.setattr(cli_models, "load_catalog", boom)
     code, _, err = run(capsys, "catalog")
     assert code == 1
     lines = err.strip().splitlines()
@@ -397,7 +398,7 @@ def test_unexpected_errors_exit_1_or_show_the_traceback_with_debug(capsys, monke
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hub, "load_catalog", interrupted)
+    monkeypatch.setattr(cli_models, "load_catalog", interrupted)
     code, _, err = run(capsys, "catalog")
     assert code == 130 and "interrupted" in err
 
@@ -498,7 +499,7 @@ def test_catalog_lists_the_official_model_with_its_size(capsys):
     listing = run_json(capsys, "catalog")
     by_name = {m["name"]: m for m in listing["models"]}
     assert by_name["sam-med3d-turbo"]["size_mb"] == 402
-    assert set(by_name) == set(hub.load_catalog())
+    assert set(by_name) == set(catalog.load_catalog())
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,7 +579,7 @@ class _Terminal:
 
 def test_large_download_asks_first_on_a_terminal(capsys, tmp_path, models, hub_server, monkeypatch):
     catalog, data = _serve(hub_server, tmp_path, models)
-    monkeypatch.setattr(cli, "LARGE_DOWNLOAD_BYTES", 1000)
+    monkeypatch.setattr(cli_models, "LARGE_DOWNLOAD_BYTES", 1000)
 
     monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))
     code, out, err = run(capsys, "download", "tiny-ckpt", "--catalog", catalog)
@@ -605,7 +606,7 @@ def test_bundle_whose_base_is_on_the_hub(capsys, tmp_path, ct_path, models, hub_
     hub_server.add_file("test-org/base", "base.pth", checkpoint.read_bytes())
     pointer = {"repo_id": "test-org/base", "filename": "base.pth", "revision": None,
                "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
-    folder = weights.save_bundle(moe, tmp_path / "pointer", base_pointer=pointer)
+    folder = bundle.save_bundle(moe, tmp_path / "pointer", base_pointer=pointer)
 
     before = run_json(capsys, "info", folder)
     assert before["base"]["hub"]["repo_id"] == "test-org/base" and before["base"]["cached_path"] is None
@@ -642,4 +643,4 @@ def test_demo_clicks_the_organ_and_reports_dice(capsys, tmp_path, data_dir):
     assert mask.shape == labels.shape and int(np.count_nonzero(mask.get_fdata())) == summary["voxels"]
     assert (tmp_path / "spleen_preview.png").stat().st_size > 10_000
     assert cli.main(["demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
-    assert "example data file" in capsys.readouterr().err
+    assert "sample data file" in capsys.readouterr().err

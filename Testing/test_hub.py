@@ -14,6 +14,7 @@ import pytest
 
 from hub_server import hub_server  # noqa: F401  (pytest fixture)
 from SAMMed3DMoELib import hub
+from SAMMed3DMoELib import catalog as model_catalog
 from SAMMed3DMoELib.errors import CancelledError, SAMMed3DError
 
 REPO = "test-org/tiny-model"
@@ -47,7 +48,7 @@ def _repo_cache(repo_id: str = REPO) -> Path:
 
 
 def test_packaged_catalog_lists_the_official_checkpoint():
-    catalog = hub.load_catalog()
+    catalog = model_catalog.load_catalog()
     turbo = catalog["sam-med3d-turbo"]
     assert turbo.repo_id == "blueyo0/SAM-Med3D"
     assert turbo.filename == "sam_med3d_turbo.pth"
@@ -72,7 +73,7 @@ def test_catalog_rejects_bad_entries(tmp_path, change, complaint):
     path = tmp_path / "catalog.json"
     path.write_text(json.dumps({"models": [{**entry, **change}]}))
     with pytest.raises(SAMMed3DError, match=complaint):
-        hub.load_catalog(path)
+        model_catalog.load_catalog(path)
 
 
 def test_catalog_rejects_duplicate_names(tmp_path):
@@ -80,7 +81,7 @@ def test_catalog_rejects_duplicate_names(tmp_path):
     path = tmp_path / "catalog.json"
     path.write_text(json.dumps({"models": [entry, entry]}))
     with pytest.raises(SAMMed3DError, match="twice"):
-        hub.load_catalog(path)
+        model_catalog.load_catalog(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,8 +331,8 @@ def test_snapshot_of_missing_repo(hub_server):
 # --------------------------------------------------------------------------------------------
 
 
-def _entry(name: str, sha256, kind: str = "checkpoint", filename="tiny.pth", repo_id=REPO) -> hub.CatalogEntry:
-    return hub.CatalogEntry(name=name, repo_id=repo_id, filename=filename, revision=None, sha256=sha256,
+def _entry(name: str, sha256, kind: str = "checkpoint", filename="tiny.pth", repo_id=REPO) -> model_catalog.CatalogEntry:
+    return model_catalog.CatalogEntry(name=name, repo_id=repo_id, filename=filename, revision=None, sha256=sha256,
                             size_mb=None, kind=kind, box_prompts=False, description="test model")
 
 
@@ -398,12 +399,6 @@ def test_resolve_local_paths(tmp_path, monkeypatch):
         hub.resolve_model("no-such-model")  # lists the packaged catalog's names
 
 
-def test_hub_and_weights_accept_the_same_checkpoint_files():
-    from SAMMed3DMoELib import weights
-
-    assert set(hub.CHECKPOINT_SUFFIXES) == set(weights.CHECKPOINT_SUFFIXES)
-
-
 @pytest.mark.parametrize("spec, expected", [
     ("owner/repo", ("owner/repo", None, None)),
     ("owner/repo/weights.ckpt", ("owner/repo", "weights.ckpt", None)),
@@ -412,4 +407,4 @@ def test_hub_and_weights_accept_the_same_checkpoint_files():
     ("ckpt/model.pth", None),
 ])
 def test_remote_target_says_what_would_be_fetched(spec, expected):
-    assert hub.remote_target(spec, catalog={}) == expected
+    assert model_catalog.remote_target(spec, catalog={}) == expected

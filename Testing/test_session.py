@@ -14,7 +14,8 @@ import torch
 from SAMMed3DMoELib import volume_io, windows
 from SAMMed3DMoELib.errors import CancelledError, SAMMed3DError
 from SAMMed3DMoELib.moe import SamMed3DMoE
-from SAMMed3DMoELib.session import Session, SessionWorker
+from SAMMed3DMoELib.session import Session
+from SAMMed3DMoELib.worker import SessionWorker
 from tiny_models import constant_mask_decoder, tiny_moe, tiny_sam
 
 
@@ -235,12 +236,12 @@ def test_points_outside_the_first_window_are_not_used_and_said(ct):
 
 
 def test_bundle_preprocessing_reaches_the_session(ct, tmp_path):
-    from SAMMed3DMoELib import weights
+    from SAMMed3DMoELib import bundle
 
     moe = tiny_moe()
-    weights.save_bundle(moe, tmp_path / "b", preprocessing={"spacing_mm": 2.0, "window": 64,
+    bundle.save_bundle(moe, tmp_path / "b", preprocessing={"spacing_mm": 2.0, "window": 64,
                                                              "ct_clamp": [-200, 300], "normalization": "zscore_nonzero"})
-    loaded = weights.load_bundle(tmp_path / "b")
+    loaded = bundle.load_bundle(tmp_path / "b")
     assert loaded.preprocessing["spacing_mm"] == 2.0
     session = Session(ct, loaded, device="cpu")
     assert np.allclose(session.prepared.spacing, 2.0)

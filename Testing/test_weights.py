@@ -14,9 +14,12 @@ import torch
 from safetensors.torch import save_file
 
 from reference_weights import reference_state_dict
-from SAMMed3DMoELib import weights as W
+from SAMMed3DMoELib import bundle as B
+from SAMMed3DMoELib import checkpoint as C
+from SAMMed3DMoELib.files import file_sha256
 from SAMMed3DMoELib.errors import SAMMed3DError
-from SAMMed3DMoELib.moe import ExpertInfo, GatingNetwork, SamMed3DMoE
+from SAMMed3DMoELib.model import GatingNetwork
+from SAMMed3DMoELib.moe import ExpertInfo, SamMed3DMoE
 from tiny_models import TINY, tiny_moe, tiny_sam
 
 
@@ -45,7 +48,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 def _edit_config(folder: Path, change) -> None:
-    path = folder / W.CONFIG_NAME
+    path = folder / B.CONFIG_NAME
     config = json.loads(path.read_text())
     change(config)
     path.write_text(json.dumps(config))
@@ -65,7 +68,7 @@ class _Payload:
 def bundle(tmp_path):
     """A tiny bundle with two experts and a gate; tau 0 so the auto path fuses an expert."""
     moe = tiny_moe(num_experts=2, tau=0.0)
-    folder = W.save_bundle(moe, tmp_path / "bundle")
+    folder = B.save_bundle(moe, tmp_path / "bundle")
     return moe, folder
 
 
@@ -93,9 +96,9 @@ def test_checkpoint_forms_load_every_tensor(tmp_path, form):
         torch.save({"model_state_dict": sd, "args": argparse.Namespace(lr=1e-4, gpu_ids=[0, 1], task="x"),
                     "dices": [np.float64(0.8)], "best_dice": np.float32(0.8), "epoch": np.int64(4)}, path)
 
-    loaded = W.load_state_dict_file(path)
+    loaded = C.load_state_dict_file(path)
     _assert_same_state(sd, loaded)
-    rebuilt = W.load_checkpoint(path, **TINY)
+    rebuilt = C.load_checkpoint(path, **TINY)
     assert not rebuilt.box_prompts
     _assert_same_state(sd, rebuilt.state_dict())
     assert rebuilt.config == model.config
@@ -105,12 +108,12 @@ def test_checkpoint_forms_load_every_tensor(tmp_path, form):
 def test_box_prompts_detected_from_the_file(tmp_path, box_prompts):
     model = tiny_sam(seed=2, box_prompts=box_prompts)
     torch.save({"model_state_dict": model.state_dict()}, tmp_path / "m.pth")
-    loaded = W.load_checkpoint(tmp_path / "m.pth", **TINY)
+    loaded = C.load_checkpoint(tmp_path / "m.pth", **TINY)
     assert loaded.box_prompts is box_prompts
     _assert_same_state(model.state_dict(), loaded.state_dict())
     if box_prompts:  # forcing the other architecture names the keys it lacks
         with pytest.raises(SAMMed3DError, match=r"unexpected key\(s\).*point_embeddings\.2\.weight"):
-            W.load_checkpoint(tmp_path / "m.pth", box_prompts=False, **TINY)
+            C.load_checkpoint(tmp_path / "m.pth", box_prompts=False, **TINY)
 
 
 @pytest.mark.parametrize("container", ["torch_zip", "raw_pickle"])
@@ -126,11 +129,11 @@ def test_malicious_pickle_is_refused_and_never_run(tmp_path, container):
             pickle.dump(payload, handle, protocol=2)
 
     with pytest.raises(SAMMed3DError, match="executable") as info:
-        W.load_state_dict_file(path)
+        C.load_state_dict_file(path)
     assert "refused" in str(info.value) and "nothing" in str(info.value)
     assert not marker.exists()
     with pytest.raises(SAMMed3DError):
-        W.load_checkpoint(path)
+        C.load_checkpoint(path)
     assert not marker.exists()
 
     # The payload is real: an ordinary unpickler does create its file.
@@ -150,37 +153,37 @@ def test_truncated_empty_and_missing_files_are_explained(tmp_path):
     half = tmp_path / "half.pth"
     half.write_bytes(data[: len(data) // 2])
     with pytest.raises(SAMMed3DError, match=r"half\.pth is damaged.*Download it again"):
-        W.load_state_dict_file(half)
+        C.load_state_dict_file(half)
 
     legacy = tmp_path / "legacy.pt"
     torch.save(sd, legacy, _use_new_zipfile_serialization=False)
     legacy.write_bytes(legacy.read_bytes()[:-1000])
     with pytest.raises(SAMMed3DError, match="damaged"):
-        W.load_state_dict_file(legacy)
+        C.load_state_dict_file(legacy)
 
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     with pytest.raises(SAMMed3DError, match="empty"):
-        W.load_state_dict_file(empty)
+        C.load_state_dict_file(empty)
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(bytes(range(256)) * 8)
     with pytest.raises(SAMMed3DError, match="damaged or not a PyTorch checkpoint"):
-        W.load_state_dict_file(garbage)
+        C.load_state_dict_file(garbage)
 
     st = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
     with pytest.raises(SAMMed3DError, match=r"model\.safetensors is damaged"):
-        W.load_state_dict_file(st)
+        C.load_state_dict_file(st)
 
     with pytest.raises(SAMMed3DError, match="not found"):
-        W.load_state_dict_file(tmp_path / "nowhere.pth")
+        C.load_state_dict_file(tmp_path / "nowhere.pth")
     with pytest.raises(SAMMed3DError, match="folder"):
-        W.load_state_dict_file(tmp_path)
+        C.load_state_dict_file(tmp_path)
     (tmp_path / "model.onnx").write_bytes(b"x")
     with pytest.raises(SAMMed3DError, match="unknown checkpoint type"):
-        W.load_state_dict_file(tmp_path / "model.onnx")
+        C.load_state_dict_file(tmp_path / "model.onnx")
 
 
 @pytest.mark.parametrize("content, message", [
@@ -192,14 +195,14 @@ def test_truncated_empty_and_missing_files_are_explained(tmp_path):
 def test_objects_that_are_not_state_dicts(tmp_path, content, message):
     torch.save(content, tmp_path / "x.pth")
     with pytest.raises(SAMMed3DError, match=message):
-        W.load_state_dict_file(tmp_path / "x.pth")
+        C.load_state_dict_file(tmp_path / "x.pth")
 
 
 def test_wrong_architecture_is_explained(tmp_path):
     # A tiny SAM-Med3D into the official size: fewer blocks, smaller tensors.
     torch.save({"model_state_dict": tiny_sam(box_prompts=False).state_dict()}, tmp_path / "tiny.pth")
     with pytest.raises(SAMMed3DError) as info:
-        W.load_checkpoint(tmp_path / "tiny.pth")
+        C.load_checkpoint(tmp_path / "tiny.pth")
     text = str(info.value)
     assert "SAM-Med3D ViT-B 'ori'" in text and "sam_med3d_turbo.pth" in text
     assert "missing key(s) (image_encoder.blocks.2." in text
@@ -212,15 +215,15 @@ def test_wrong_architecture_is_explained(tmp_path):
              "image_encoder.pos_embed": torch.zeros(1, 4, 4, 48), "mask_decoder.iou_token.weight": torch.zeros(1, 48)}
     torch.save(sam2d, tmp_path / "sam2d.pth")
     with pytest.raises(SAMMed3DError, match="2D SAM checkpoint"):
-        W.load_checkpoint(tmp_path / "sam2d.pth", **TINY)
+        C.load_checkpoint(tmp_path / "sam2d.pth", **TINY)
 
     # Something else entirely, and a bare mask decoder.
     torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(4)}, tmp_path / "resnet.pth")
     with pytest.raises(SAMMed3DError, match=r"2 unexpected key\(s\) \(conv1\.weight, fc\.bias\).*another architecture"):
-        W.load_checkpoint(tmp_path / "resnet.pth", **TINY)
+        C.load_checkpoint(tmp_path / "resnet.pth", **TINY)
     torch.save(tiny_sam().mask_decoder.state_dict(), tmp_path / "decoder.pth")
     with pytest.raises(SAMMed3DError, match="mask decoder alone.*add_expert_to_bundle"):
-        W.load_checkpoint(tmp_path / "decoder.pth", **TINY)
+        C.load_checkpoint(tmp_path / "decoder.pth", **TINY)
 
 
 def test_missing_keys_are_named(tmp_path):
@@ -230,7 +233,7 @@ def test_missing_keys_are_named(tmp_path):
         del sd[key]
     torch.save(sd, tmp_path / "partial.pth")
     with pytest.raises(SAMMed3DError, match=r"2 missing key\(s\)") as info:
-        W.load_checkpoint(tmp_path / "partial.pth", **TINY)
+        C.load_checkpoint(tmp_path / "partial.pth", **TINY)
     assert all(key in str(info.value) for key in dropped)
     assert "unexpected" not in str(info.value)
 
@@ -240,16 +243,16 @@ def test_missing_keys_are_named(tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_bundle_round_trip_gives_identical_predictions(bundle):
     moe, folder = bundle
-    config = json.loads((folder / W.CONFIG_NAME).read_text())
-    assert config["format"] == W.BUNDLE_FORMAT and config["format_version"] == W.BUNDLE_FORMAT_VERSION
+    config = json.loads((folder / B.CONFIG_NAME).read_text())
+    assert config["format"] == B.BUNDLE_FORMAT and config["format_version"] == B.BUNDLE_FORMAT_VERSION
     assert [e["file"] for e in config["experts"]] == ["experts/expert1.safetensors", "experts/expert2.safetensors"]
     for rel in ["base.safetensors", "gate.safetensors", *(e["file"] for e in config["experts"])]:
         assert (folder / rel).is_file()
-    assert config["base"]["sha256"] == W.file_sha256(folder / "base.safetensors")
+    assert config["base"]["sha256"] == file_sha256(folder / "base.safetensors")
     assert config["gate"]["config"] == moe.gate.config()
     assert not list(folder.rglob("*.tmp"))
 
-    loaded = W.load_bundle(folder)
+    loaded = B.load_bundle(folder)
     assert loaded.base.config == moe.base.config  # tuples survive JSON
     assert loaded.expert_names == moe.expert_names
     assert loaded.expert_info == moe.expert_info
@@ -264,25 +267,25 @@ def test_bundle_round_trip_gives_identical_predictions(bundle):
     for name in ["general", *moe.expert_names]:
         assert torch.equal(_predict(moe, expert=name).logits, _predict(loaded, expert=name).logits)
 
-    via_model = W.load_model(folder)
+    via_model = B.load_model(folder)
     assert torch.equal(_predict(via_model).logits, before.logits)
-    assert W.load_model(folder / W.CONFIG_NAME).expert_names == moe.expert_names
+    assert B.load_model(folder / B.CONFIG_NAME).expert_names == moe.expert_names
 
 
 def test_bundle_keeps_preprocessing_and_settings(tmp_path):
     moe = tiny_moe(num_experts=1, tau=0.3, selector="renormalized")
     pre = {"spacing_mm": [1.0, 1.0, 2.0], "window": moe.base.img_size, "ct_clamp": None, "normalization": "zscore_nonzero"}
-    folder = W.save_bundle(moe, tmp_path / "b", preprocessing=pre)
-    config = W.read_bundle_config(folder)
+    folder = B.save_bundle(moe, tmp_path / "b", preprocessing=pre)
+    config = B.read_bundle_config(folder)
     assert config["preprocessing"] == pre
     assert (config["tau"], config["selector"]) == (0.3, "renormalized")
-    loaded = W.load_bundle(folder)
+    loaded = B.load_bundle(folder)
     assert (loaded.tau, loaded.selector) == (0.3, "renormalized")
 
-    default = W.read_bundle_config(W.save_bundle(moe, tmp_path / "d"))["preprocessing"]
-    assert default == {**W.DEFAULT_PREPROCESSING, "window": moe.base.img_size}
+    default = B.read_bundle_config(B.save_bundle(moe, tmp_path / "d"))["preprocessing"]
+    assert default == {**B.DEFAULT_PREPROCESSING, "window": moe.base.img_size}
     with pytest.raises(SAMMed3DError, match="spacing_mm"):
-        W.save_bundle(moe, tmp_path / "bad", preprocessing={"spacing_mm": -1})
+        B.save_bundle(moe, tmp_path / "bad", preprocessing={"spacing_mm": -1})
 
 
 def test_edited_expert_file_is_refused_by_name(bundle):
@@ -292,21 +295,21 @@ def test_edited_expert_file_is_refused_by_name(bundle):
     data[-5] ^= 0x01  # one bit of one weight
     path.write_bytes(bytes(data))
     with pytest.raises(SAMMed3DError) as info:
-        W.load_bundle(folder)
+        B.load_bundle(folder)
     text = str(info.value)
     assert "expert2.safetensors" in text and "expert 'expert2'" in text
     assert "corrupt or was edited" in text
     with pytest.raises(SAMMed3DError, match="expert2.safetensors"):  # editing the bundle checks it too
-        W.add_expert_to_bundle(folder, "new", tiny_sam().new_mask_decoder().state_dict(), targets=[], modality="CT")
+        B.add_expert_to_bundle(folder, "new", tiny_sam().new_mask_decoder().state_dict(), targets=[], modality="CT")
 
 
 def test_newer_format_version_is_refused(bundle):
     _, folder = bundle
-    _edit_config(folder, lambda c: c.update(format_version=W.BUNDLE_FORMAT_VERSION + 1, experts="future layout"))
+    _edit_config(folder, lambda c: c.update(format_version=B.BUNDLE_FORMAT_VERSION + 1, experts="future layout"))
     with pytest.raises(SAMMed3DError, match="newer version.*Upgrade"):
-        W.load_bundle(folder)
+        B.load_bundle(folder)
     with pytest.raises(SAMMed3DError, match="newer version"):
-        W.read_bundle_config(folder)
+        B.read_bundle_config(folder)
 
 
 def _set(path, value):
@@ -344,33 +347,33 @@ def test_invalid_configs_are_refused_with_the_field_named(bundle, change, messag
     _, folder = bundle
     _edit_config(folder, change)
     with pytest.raises(SAMMed3DError, match=message) as info:
-        W.read_bundle_config(folder)
+        B.read_bundle_config(folder)
     assert "config.json" in str(info.value)
 
 
 def test_not_a_bundle_and_broken_json(tmp_path):
     with pytest.raises(SAMMed3DError, match="no config.json"):
-        W.load_bundle(tmp_path)
+        B.load_bundle(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(SAMMed3DError, match="not valid JSON.*line 1"):
-        W.read_bundle_config(tmp_path)
+        B.read_bundle_config(tmp_path)
     with pytest.raises(SAMMed3DError, match="not found"):
-        W.load_model(tmp_path / "missing")
+        B.load_model(tmp_path / "missing")
 
 
 def test_config_with_a_hub_pointer_validates(bundle, tmp_path):
     moe, folder = bundle
     pointer = {"repo_id": "blueyo0/SAM-Med3D", "filename": "sam_med3d_turbo.pth", "revision": None,
                "sha256": "899a46d04d3b70f723282ceb489149373558bf0aaba389a346f5ab57da5cdd3c"}
-    hub_folder = W.save_bundle(moe, tmp_path / "hub_bundle", base_pointer=pointer)
+    hub_folder = B.save_bundle(moe, tmp_path / "hub_bundle", base_pointer=pointer)
     assert not (hub_folder / "base.safetensors").exists()
-    config = W.read_bundle_config(hub_folder)
+    config = B.read_bundle_config(hub_folder)
     assert config["base"]["hub"] == pointer
     assert config["base"]["model_config"] == moe.base.config
     assert [e["name"] for e in config["experts"]] == moe.expert_names
 
     # Switching an existing bundle to a pointer removes its now unlisted base file.
-    W.save_bundle(moe, folder, base_pointer=pointer)
+    B.save_bundle(moe, folder, base_pointer=pointer)
     assert not (folder / "base.safetensors").exists()
     assert (folder / "experts" / "expert1.safetensors").exists()
 
@@ -381,9 +384,9 @@ def test_config_with_a_hub_pointer_validates(bundle, tmp_path):
                          ({**pointer, "mirror": "x"}, "unknown field")]:
         _edit_config(hub_folder, _set(["base", "hub"], bad))
         with pytest.raises(SAMMed3DError, match=message):
-            W.read_bundle_config(hub_folder)
+            B.read_bundle_config(hub_folder)
         with pytest.raises(SAMMed3DError, match=message):
-            W.save_bundle(moe, tmp_path / "other", base_pointer=bad)
+            B.save_bundle(moe, tmp_path / "other", base_pointer=bad)
 
 
 def test_hub_pointer_base_is_fetched_through_hub_and_checked(bundle, tmp_path, monkeypatch):
@@ -394,8 +397,8 @@ def test_hub_pointer_base_is_fetched_through_hub_and_checked(bundle, tmp_path, m
     checkpoint = tmp_path / "official.pth"
     torch.save({"model_state_dict": moe.base.state_dict(), "epoch": 1}, checkpoint)
     pointer = {"repo_id": "someone/sam-med3d", "filename": "ckpt/official.pth", "revision": "v1",
-               "sha256": W.file_sha256(checkpoint)}
-    folder = W.save_bundle(moe, tmp_path / "pointer_bundle", base_pointer=pointer)
+               "sha256": file_sha256(checkpoint)}
+    folder = B.save_bundle(moe, tmp_path / "pointer_bundle", base_pointer=pointer)
     requests = []
 
     def fake_download(repo_id, filename, *, revision=None, sha256=None, progress=None, cancel=None, **_):
@@ -403,13 +406,13 @@ def test_hub_pointer_base_is_fetched_through_hub_and_checked(bundle, tmp_path, m
         return checkpoint
 
     monkeypatch.setattr(hub, "download_file", fake_download)
-    loaded = W.load_bundle(folder)
+    loaded = B.load_bundle(folder)
     assert requests == [("someone/sam-med3d", "ckpt/official.pth", "v1", pointer["sha256"])]
     assert torch.equal(_predict(loaded).logits, _predict(moe).logits)
 
     _edit_config(folder, _set(["base", "hub", "sha256"], "0" * 64))
     with pytest.raises(SAMMed3DError, match="corrupt or was edited"):
-        W.load_bundle(folder)
+        B.load_bundle(folder)
 
 
 def test_add_then_remove_an_expert_on_disk(bundle):
@@ -420,18 +423,18 @@ def test_add_then_remove_an_expert_on_disk(bundle):
 
     torch.manual_seed(77)
     decoder = moe.base.new_mask_decoder()
-    W.add_expert_to_bundle(folder, "liver", decoder.state_dict(), targets=["liver", "liver tumor"],
+    B.add_expert_to_bundle(folder, "liver", decoder.state_dict(), targets=["liver", "liver tumor"],
                            modality="CT", description="fine-tuned on a liver set")
-    config = W.read_bundle_config(folder)
+    config = B.read_bundle_config(folder)
     assert [e["name"] for e in config["experts"]] == ["expert1", "expert2", "liver"]
     liver = config["experts"][-1]
     assert liver["targets"] == ["liver", "liver tumor"] and liver["description"] == "fine-tuned on a liver set"
     assert (folder / "experts" / "liver.safetensors").is_file()
-    assert liver["sha256"] == W.file_sha256(folder / "experts" / "liver.safetensors")
+    assert liver["sha256"] == file_sha256(folder / "experts" / "liver.safetensors")
     assert config["gate"]["config"]["num_experts"] == 3
     assert base_file.stat().st_mtime_ns == base_stat.st_mtime_ns  # the base was not rewritten
 
-    added = W.load_bundle(folder)
+    added = B.load_bundle(folder)
     assert added.expert_info["liver"] == ExpertInfo("liver", ["liver", "liver tumor"], "CT", "fine-tuned on a liver set")
     _assert_same_state(decoder.state_dict(), added.experts["liver"].state_dict())
     for name, logits in before.items():  # old results unchanged: the new gate output is never chosen
@@ -440,46 +443,46 @@ def test_add_then_remove_an_expert_on_disk(bundle):
     assert not torch.equal(_predict(added, expert="liver").logits, before["general"])
 
     with pytest.raises(SAMMed3DError, match="already has an expert named 'Liver'|already has an expert named 'liver'"):
-        W.add_expert_to_bundle(folder, "Liver", decoder.state_dict(), targets=[], modality="CT")
+        B.add_expert_to_bundle(folder, "Liver", decoder.state_dict(), targets=[], modality="CT")
 
-    W.remove_expert_from_bundle(folder, "liver")
+    B.remove_expert_from_bundle(folder, "liver")
     assert not (folder / "experts" / "liver.safetensors").exists()
-    restored = W.load_bundle(folder)
+    restored = B.load_bundle(folder)
     assert restored.expert_names == moe.expert_names
     for name, logits in before.items():
         assert torch.equal(_predict(restored, expert=name).logits, logits), name
 
-    W.remove_expert_from_bundle(folder, "expert1")
+    B.remove_expert_from_bundle(folder, "expert1")
     assert not (folder / "experts" / "expert1.safetensors").exists()
-    assert [e["name"] for e in W.read_bundle_config(folder)["experts"]] == ["expert2"]
-    fewer = W.load_bundle(folder)
+    assert [e["name"] for e in B.read_bundle_config(folder)["experts"]] == ["expert2"]
+    fewer = B.load_bundle(folder)
     assert fewer.gate.num_experts == 1
     assert torch.equal(_predict(fewer, expert="expert2").logits, before["expert2"])
     assert torch.equal(_predict(fewer, expert="general").logits, before["general"])
     with pytest.raises(SAMMed3DError, match="no expert named 'expert1'"):
-        W.remove_expert_from_bundle(folder, "expert1")
+        B.remove_expert_from_bundle(folder, "expert1")
 
 
 def test_add_expert_from_files_and_refusals(bundle, tmp_path):
     moe, folder = bundle
     decoder = moe.base.new_mask_decoder()
     save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(tmp_path / "spleen.safetensors"))
-    W.add_expert_to_bundle(folder, "spleen", tmp_path / "spleen.safetensors", targets="spleen", modality="MR")
-    loaded = W.load_bundle(folder)
+    B.add_expert_to_bundle(folder, "spleen", tmp_path / "spleen.safetensors", targets="spleen", modality="MR")
+    loaded = B.load_bundle(folder)
     assert loaded.expert_info["spleen"].targets == ["spleen"]
     _assert_same_state(decoder.state_dict(), loaded.experts["spleen"].state_dict())
 
     torch.save(moe.base.state_dict(), tmp_path / "whole.pth")
     with pytest.raises(SAMMed3DError, match="whole model"):
-        W.add_expert_to_bundle(folder, "whole", tmp_path / "whole.pth", targets=[], modality="CT")
+        B.add_expert_to_bundle(folder, "whole", tmp_path / "whole.pth", targets=[], modality="CT")
     other = tiny_sam().new_mask_decoder()
     other.iou_prediction_head = type(other.iou_prediction_head)(48, 8, 4, 3)
     with pytest.raises(SAMMed3DError, match="shape mismatch"):
-        W.add_expert_to_bundle(folder, "odd", other.state_dict(), targets=[], modality="CT")
+        B.add_expert_to_bundle(folder, "odd", other.state_dict(), targets=[], modality="CT")
     for name in ["general", "auto", "../x", ""]:
         with pytest.raises(SAMMed3DError, match="reserved|usable expert name"):
-            W.add_expert_to_bundle(folder, name, decoder.state_dict(), targets=[], modality="CT")
-    assert W.load_bundle(folder).expert_names == ["expert1", "expert2", "spleen"]
+            B.add_expert_to_bundle(folder, name, decoder.state_dict(), targets=[], modality="CT")
+    assert B.load_bundle(folder).expert_names == ["expert1", "expert2", "spleen"]
 
 
 def test_failed_save_leaves_the_old_bundle_intact(bundle, monkeypatch):
@@ -499,10 +502,10 @@ def test_failed_save_leaves_the_old_bundle_intact(bundle, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
     changed = tiny_moe(num_experts=2, seed=9)
     with pytest.raises(SAMMed3DError, match="No space left"):
-        W.save_bundle(changed, folder)
+        B.save_bundle(changed, folder)
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == original
     assert len(calls) == 3
-    assert torch.equal(_predict(W.load_bundle(folder)).logits, _predict(moe).logits)
+    assert torch.equal(_predict(B.load_bundle(folder)).logits, _predict(moe).logits)
 
 
 def test_shared_tensors_are_saved(tmp_path):
@@ -510,8 +513,8 @@ def test_shared_tensors_are_saved(tmp_path):
     with torch.no_grad():
         moe.gate.norm2.weight = moe.gate.norm1.weight  # tied: safetensors alone refuses this
         moe.gate.norm1.weight.mul_(1.5)
-    folder = W.save_bundle(moe, tmp_path / "tied")
-    loaded = W.load_bundle(folder)
+    folder = B.save_bundle(moe, tmp_path / "tied")
+    loaded = B.load_bundle(folder)
     assert torch.equal(loaded.gate.norm2.weight, moe.gate.norm1.weight)
     assert torch.equal(loaded.gate.norm1.weight, moe.gate.norm1.weight)
 
@@ -519,27 +522,27 @@ def test_shared_tensors_are_saved(tmp_path):
 def test_bundle_without_gate_or_experts_and_load_model_of_a_file(tmp_path):
     base = tiny_sam(seed=4, box_prompts=False)
     torch.save({"model_state_dict": base.state_dict(), "epoch": 1}, tmp_path / "base.pth")
-    folder = W.convert_checkpoint(tmp_path / "base.pth", tmp_path / "converted", **TINY)
-    config = W.read_bundle_config(folder)
+    folder = B.convert_checkpoint(tmp_path / "base.pth", tmp_path / "converted", **TINY)
+    config = B.read_bundle_config(folder)
     assert config["experts"] == [] and config["gate"] is None
     assert not (folder / "experts").exists() and not (folder / "gate.safetensors").exists()
-    loaded = W.load_bundle(folder)
+    loaded = B.load_bundle(folder)
     assert loaded.expert_names == [] and loaded.gate is None and not loaded.base.box_prompts
     _assert_same_state(base.state_dict(), loaded.base.state_dict())
     with pytest.raises(SAMMed3DError, match="already holds a bundle"):
-        W.convert_checkpoint(tmp_path / "base.pth", folder, **TINY)
-    W.convert_checkpoint(tmp_path / "base.pth", folder, overwrite=True, **TINY)
+        B.convert_checkpoint(tmp_path / "base.pth", folder, **TINY)
+    B.convert_checkpoint(tmp_path / "base.pth", folder, overwrite=True, **TINY)
 
     # A checkpoint file (the official size only) is wrapped without experts.
     with pytest.raises(SAMMed3DError, match="SAM-Med3D ViT-B 'ori'"):
-        W.load_model(tmp_path / "base.pth")
+        B.load_model(tmp_path / "base.pth")
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(SAMMed3DError, match="not a model"):
-        W.load_model(tmp_path / "notes.txt")
+        B.load_model(tmp_path / "notes.txt")
 
     # Adding an expert to a bundle without a gate: selectable by name, never chosen automatically.
-    W.add_expert_to_bundle(folder, "kidney", base.new_mask_decoder().state_dict(), targets=["kidney"], modality="CT")
-    moe = W.load_bundle(folder)
+    B.add_expert_to_bundle(folder, "kidney", base.new_mask_decoder().state_dict(), targets=["kidney"], modality="CT")
+    moe = B.load_bundle(folder)
     assert moe.gate is None and moe.expert_names == ["kidney"]
     assert _predict(moe).decoders == ["general"]
 
@@ -549,7 +552,7 @@ def test_gate_with_other_sizes_round_trips(tmp_path):
     experts = {"a": base.new_mask_decoder()}
     gate = GatingNetwork(embed_dim=48, num_experts=1, num_heads=2, mlp_dim=24, hidden_dim=8)
     moe = SamMed3DMoE(base, experts, gate, {"a": ExpertInfo("a", ["x"], "CT", "d")}, tau=0.0).eval()
-    loaded = W.load_bundle(W.save_bundle(moe, tmp_path / "g"))
+    loaded = B.load_bundle(B.save_bundle(moe, tmp_path / "g"))
     assert loaded.gate.config() == gate.config()
     assert torch.equal(_predict(loaded).logits, _predict(moe).logits)
 
@@ -564,13 +567,13 @@ def test_full_size_official_checkpoint_and_bundle(tmp_path):
                 "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 8e-5, "params": [0, 1]}]},
                 "epoch": 3}, path)
 
-    model = W.load_checkpoint(path)
+    model = C.load_checkpoint(path)
     assert not model.box_prompts and model.config["encoder_depth"] == 12
     _assert_same_state(sd, model.state_dict())
     del model
 
-    folder = W.convert_checkpoint(path, tmp_path / "bundle")
-    assert W.read_bundle_config(folder)["base"]["model_config"]["img_size"] == 128
-    moe = W.load_bundle(folder)
+    folder = B.convert_checkpoint(path, tmp_path / "bundle")
+    assert B.read_bundle_config(folder)["base"]["model_config"]["img_size"] == 128
+    moe = B.load_bundle(folder)
     assert moe.expert_names == [] and moe.gate is None
     _assert_same_state(sd, moe.base.state_dict())

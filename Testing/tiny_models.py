@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from SAMMed3DMoELib.model import SamMed3D, build_sam_med3d
-from SAMMed3DMoELib.moe import ExpertInfo, GatingNetwork, SamMed3DMoE
+from SAMMed3DMoELib.model import GatingNetwork, SamMed3D, build_sam_med3d
+from SAMMed3DMoELib.moe import ExpertInfo, SamMed3DMoE
 
 TINY = dict(
     img_size=64, patch_size=16, encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=4,

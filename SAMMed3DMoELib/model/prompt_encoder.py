@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import math
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn

@@ -1,10 +1,4 @@
-"""Weights on disk: official SAM-Med3D checkpoints and mixture-of-experts bundles.
-
-Checkpoints (``.pth``/``.pt``/``.ckpt``) are read with ``torch.load(weights_only=True)``, which
-refuses pickles that would construct arbitrary objects or call functions; nothing in a refused
-file is run. The only extra types allowed are harmless containers found in official training
-checkpoints next to the weights (``argparse.Namespace`` arguments, numpy numbers). ``.safetensors``
-files hold tensors only.
+"""Mixture-of-experts bundles: the format, its validation, loading, writing and editing.
 
 A bundle is a folder::
 
@@ -19,34 +13,60 @@ loading anything, and every state dict is loaded with strict key and shape check
 
 from __future__ import annotations
 
-import argparse
 import copy
-import hashlib
 import json
 import math
 import os
-import pickle
 import re
-import uuid
-import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .catalog import is_repo_id
+from .checkpoint import (
+    all_tensors,
+    base_from_state_dict,
+    load_checkpoint,
+    load_state_dict_file,
+    load_strict,
+    read_safetensors,
+)
 from .device import select_device
 from .errors import SAMMed3DError
-from .model import VIT_B_ORI, MaskDecoder3D, SamMed3D, build_mask_decoder, build_sam_med3d
-from .moe import AUTO, DEFAULT_PREPROCESSING, GENERAL, SELECTORS, ExpertInfo, GatingNetwork, SamMed3DMoE
+from .files import (
+    CHECKPOINT_SUFFIXES,
+    SAFETENSORS_SUFFIX,
+    SHA256_RE,
+    atomic_write_bytes,
+    file_sha256,
+    fsync,
+    temp_name,
+    unreadable,
+)
+from .model import (
+    VIT_B_ORI,
+    MaskDecoder3D,
+    SamMed3D,
+    build_mask_decoder,
+    build_sam_med3d,
+)
+from .moe import (
+    AUTO,
+    DEFAULT_PREPROCESSING,
+    GENERAL,
+    SELECTORS,
+    ExpertInfo,
+    GatingNetwork,
+    SamMed3DMoE,
+)
 
 __all__ = [
     "BUNDLE_FORMAT",
     "BUNDLE_FORMAT_VERSION",
     "CONFIG_NAME",
     "DEFAULT_PREPROCESSING",
-    "load_state_dict_file",
-    "load_checkpoint",
     "save_bundle",
     "load_bundle",
     "read_bundle_config",
@@ -54,7 +74,6 @@ __all__ = [
     "add_expert_to_bundle",
     "remove_expert_from_bundle",
     "load_model",
-    "file_sha256",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -65,281 +84,10 @@ CONFIG_NAME = "config.json"
 BASE_FILE = "base.safetensors"
 GATE_FILE = "gate.safetensors"
 EXPERTS_DIR = "experts"
-TORCH_SUFFIXES = (".pth", ".pt", ".ckpt")
-SAFETENSORS_SUFFIX = ".safetensors"
-CHECKPOINT_SUFFIXES = TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)
-"""What SAM-Med3D was trained on: 1.5 mm, 128³ windows, CT clamped, z-score over voxels > 0."""
 
-BOX_KEY = "prompt_encoder.point_embeddings.2.weight"
-OFFICIAL_ARCHITECTURE = "SAM-Med3D ViT-B 'ori' (sam_med3d_turbo.pth and checkpoints fine-tuned from it)"
-_STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
 _EXPERT_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,62}[A-Za-z0-9_-])?$")
 _WINDOWS_DEVICE_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _GATE_CONFIG_KEYS = ("embed_dim", "num_experts", "num_heads", "mlp_dim", "hidden_dim")
-_LIST_SHOWN = 5
-
-
-# --------------------------------------------------------------------------------------------
-# Reading state dicts
-# --------------------------------------------------------------------------------------------
-def load_state_dict_file(path: PathLike) -> Dict[str, Tensor]:
-    """The state dict in a ``.pth``/``.pt``/``.ckpt`` or ``.safetensors`` file, on the CPU.
-
-    Torch files may hold a raw state dict or a training checkpoint with the weights under
-    ``model_state_dict`` (the official SAM-Med3D files), ``state_dict`` or ``model``; everything
-    else in a training checkpoint (optimizer state, epoch, arguments) is ignored. A leading
-    ``module.`` (DataParallel) is stripped from the names.
-    """
-    path = Path(os.fspath(path)).expanduser()
-    if not path.exists():
-        raise SAMMed3DError(f"Checkpoint file not found: {path}. Check the path, or download the checkpoint again.")
-    if path.is_dir():
-        raise SAMMed3DError(
-            f"{path} is a folder, not a checkpoint file. A bundle folder is loaded with load_model or "
-            "load_bundle; otherwise give the .pth or .safetensors file inside it."
-        )
-    suffix = path.suffix.lower()
-    if suffix == SAFETENSORS_SUFFIX:
-        obj: Any = _read_safetensors(path)
-    elif suffix in TORCH_SUFFIXES:
-        obj = _read_torch_file(path)
-    else:
-        raise SAMMed3DError(
-            f"{path.name}: unknown checkpoint type '{suffix or '(no extension)'}'. Give a PyTorch checkpoint "
-            f"({', '.join(TORCH_SUFFIXES)}) or a .safetensors file."
-        )
-    return _extract_state_dict(obj, path)
-
-
-def _read_safetensors(path: Path) -> Dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(os.fspath(path), device="cpu")
-    except OSError as exc:
-        raise _unreadable(path, exc) from exc
-    except Exception as exc:  # safetensors raises its own SafetensorError for bad headers/data
-        raise SAMMed3DError(
-            f"{path.name} is damaged: it is not a readable .safetensors file ({_first_line(exc)}). "
-            "Download or export it again."
-        ) from None
-
-
-def _read_torch_file(path: Path) -> Any:
-    try:
-        with _extra_safe_globals():
-            return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        message = str(exc)
-        refused = re.search(r"Unsupported (?:global|class):?\s*(?:GLOBAL\s+)?([\w.]+)", message)
-        if refused or "unrecognized function" in message or "Can only build" in message:
-            what = f" (it asks for {refused.group(1)})" if refused else ""
-            raise SAMMed3DError(
-                f"{path.name} contains executable Python objects{what}, so it was refused and nothing in "
-                "it was run. Only plain weight files are loaded: use a checkpoint that holds tensors only "
-                "(an official SAM-Med3D .pth or a .safetensors file), or, if you trust its source, load it "
-                "yourself and save model.state_dict() with torch.save."
-            ) from None
-        raise SAMMed3DError(
-            f"{path.name} could not be read: it is damaged or not a PyTorch checkpoint "
-            f"({_pickle_detail(message)}); nothing in it was run. Download it again."
-        ) from None
-    except OSError as exc:
-        raise _unreadable(path, exc) from exc
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError) as exc:
-        empty = path.stat().st_size == 0
-        raise SAMMed3DError(
-            f"{path.name} is damaged ({'the file is empty' if empty else _first_line(exc)}): it is probably "
-            "truncated or corrupt. Download it again."
-        ) from None
-
-
-def _pickle_detail(message: str) -> str:
-    match = re.search(r"WeightsUnpickler error:\s*(.+)", message)
-    return match.group(1).strip() if match else _first_line(message)
-
-
-def _first_line(exc: Union[BaseException, str]) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
-def _unreadable(path: Path, exc: OSError) -> SAMMed3DError:
-    return SAMMed3DError(f"{path} cannot be read: {exc.strerror or exc}. Check the file's permissions and disk.")
-
-
-class _extra_safe_globals:
-    """Allow, for one ``torch.load``, the data-only types that official training checkpoints
-    keep next to the weights. None of them can run code: a Namespace only stores attributes,
-    numpy scalars and arrays only copy bytes into numbers."""
-
-    def __init__(self) -> None:
-        self._context = None
-        factory = getattr(torch.serialization, "safe_globals", None)
-        if factory is not None:
-            self._context = factory(_safe_globals_list())
-
-    def __enter__(self) -> None:
-        if self._context is not None:
-            self._context.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._context is not None:
-            self._context.__exit__(*exc)
-
-
-def _safe_globals_list() -> list:
-    allowed: list = [argparse.Namespace]
-    try:
-        import numpy as np
-
-        try:
-            from numpy._core import multiarray  # numpy >= 2
-        except ImportError:  # pragma: no cover - numpy 1.x
-            from numpy.core import multiarray  # type: ignore[no-redef]
-        allowed += [multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype]
-        allowed += sorted({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"}, key=str)
-        if _torch_version() >= (2, 6):  # (object, name) pairs: the other numpy major's module path
-            for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-                allowed += [(multiarray.scalar, f"{module}.scalar"), (multiarray._reconstruct, f"{module}._reconstruct")]
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
-    return allowed
-
-
-def _torch_version() -> Tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", torch.__version__)
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-
-
-def _extract_state_dict(obj: Any, path: Path) -> Dict[str, Tensor]:
-    if isinstance(obj, Mapping) and obj and not _all_tensors(obj):
-        for key in _STATE_DICT_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and _all_tensors(inner):
-                obj = inner
-                break
-        else:
-            keys = ", ".join(repr(k) for k in list(obj)[:8])
-            raise SAMMed3DError(
-                f"{path.name} is not a model state dict: it holds a dictionary with keys {keys}"
-                f"{', ...' if len(obj) > 8 else ''} and none of {', '.join(_STATE_DICT_KEYS)} holds the model's "
-                "tensors. Give a file saved from model.state_dict() or an official SAM-Med3D checkpoint."
-            )
-    if not isinstance(obj, Mapping):
-        raise SAMMed3DError(
-            f"{path.name} is not a model state dict: it holds a {type(obj).__name__}. Give a file saved from "
-            "model.state_dict() or an official SAM-Med3D checkpoint."
-        )
-    if not obj:
-        raise SAMMed3DError(f"{path.name} holds no weights (an empty dictionary). Export the model again.")
-    state: Dict[str, Tensor] = {}
-    for key, value in obj.items():
-        name = key[len("module."):] if key.startswith("module.") else key
-        if name in state:
-            raise SAMMed3DError(
-                f"{path.name} holds '{name}' twice (with and without the 'module.' prefix); export the model again."
-            )
-        state[name] = value
-    return state
-
-
-def _all_tensors(mapping: Mapping) -> bool:
-    return all(isinstance(k, str) and isinstance(v, Tensor) for k, v in mapping.items())
-
-
-# --------------------------------------------------------------------------------------------
-# Loading into models with strict, explained checks
-# --------------------------------------------------------------------------------------------
-def load_checkpoint(path: PathLike, *, box_prompts: Optional[bool] = None, **size: Any) -> SamMed3D:
-    """An official SAM-Med3D checkpoint as a :class:`SamMed3D` (CPU, float32, eval mode).
-
-    The architecture is the official ViT-B "ori" one; ``box_prompts`` is read from the file
-    (box corner embeddings present or not) unless given. ``size`` keywords build another size
-    (see ``VIT_B_ORI``; for tests and custom training). Every tensor must fit: missing,
-    unexpected and mis-shaped entries are reported by name.
-    """
-    state = load_state_dict_file(path)
-    return _base_from_state_dict(state, box_prompts=box_prompts, size=size, source=Path(os.fspath(path)).name)
-
-
-def _base_from_state_dict(state: Mapping[str, Tensor], *, box_prompts: Optional[bool], size: Mapping[str, Any],
-                          source: str) -> SamMed3D:
-    if box_prompts is None:
-        box_prompts = BOX_KEY in state
-    try:
-        model = build_sam_med3d(box_prompts=bool(box_prompts), **size)
-    except (TypeError, ValueError) as exc:
-        raise SAMMed3DError(f"cannot build the model for {source}: {exc}") from None
-    expected = OFFICIAL_ARCHITECTURE if not size else f"SAM-Med3D of size {dict(size)}"
-    if box_prompts:
-        expected += " with box prompts"
-    _load_strict(model, state, source=source, expected=expected, guess=_guess_architecture)
-    return model
-
-
-def _load_strict(module: nn.Module, state: Mapping[str, Tensor], *, source: str, expected: str,
-                 guess: Optional[Callable[[Mapping[str, Tensor], nn.Module], str]] = None) -> None:
-    """``module.load_state_dict(state, strict=True)`` with a message that explains a mismatch."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) ({_shortlist(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) ({_shortlist(unexpected)})")
-        if shapes:
-            shown = [f"{k}: file {list(a)} vs model {list(b)}" for k, a, b in shapes[:_LIST_SHOWN]]
-            more = f", and {len(shapes) - _LIST_SHOWN} more" if len(shapes) > _LIST_SHOWN else ""
-            parts.append(f"{len(shapes)} shape mismatch(es) ({'; '.join(shown)}{more})")
-        hint = guess(state, module) if guess is not None else ""
-        raise SAMMed3DError(
-            f"{source} does not fit the expected architecture, {expected}: {', '.join(parts)}. "
-            f"{hint + ' ' if hint else ''}Supported: {OFFICIAL_ARCHITECTURE}; bundles made by this program."
-        )
-    bad = [k for k, v in state.items() if not (v.is_floating_point() or own[k].dtype == v.dtype)]
-    if bad:
-        raise SAMMed3DError(
-            f"{source}: {len(bad)} tensor(s) have a non-floating type where the model stores "
-            f"{own[bad[0]].dtype} ({_shortlist(bad)}); the file is not a SAM-Med3D weight file. Export it again."
-        )
-    module.load_state_dict(dict(state), strict=True)
-
-
-def _shortlist(names: List[str]) -> str:
-    shown = ", ".join(names[:_LIST_SHOWN])
-    return shown + (f", ... ({len(names) - _LIST_SHOWN} more)" if len(names) > _LIST_SHOWN else "")
-
-
-def _guess_architecture(state: Mapping[str, Tensor], model: nn.Module) -> str:
-    """A sentence about what a state dict that does not fit SAM-Med3D looks like."""
-    keys = list(state)
-    parts = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
-    if not any(k.startswith(parts) for k in keys):
-        if "iou_token.weight" in state and any(k.startswith("transformer.layers.") for k in keys):
-            return ("This looks like a mask decoder alone (an expert file), not a whole model: add it to a "
-                    "bundle with add_expert_to_bundle.")
-        if "fc2.weight" in state and any(k.startswith("cross_attn_prompt_to_image.") for k in keys):
-            return "This looks like a gating network alone, not a whole model."
-        for prefix in ("model.", "sam.", "net.", "_orig_mod."):
-            if keys and all(k.startswith(prefix) for k in keys):
-                return (f"Every key starts with '{prefix}': this is a training wrapper's checkpoint; save the "
-                        "inner SAM-Med3D model's state_dict() instead.")
-        return "This does not look like a SAM-Med3D checkpoint at all (another architecture)."
-    patch = state.get("image_encoder.patch_embed.proj.weight")
-    pos = state.get("image_encoder.pos_embed")
-    if (patch is not None and patch.dim() == 4) or (pos is not None and pos.dim() == 4):
-        return "This looks like a 2D SAM checkpoint (SAM, MedSAM or SAM-Med2D), not the 3D SAM-Med3D."
-    own = model.state_dict()
-    if pos is not None and "image_encoder.pos_embed" in own and pos.shape != own["image_encoder.pos_embed"].shape:
-        return (f"This looks like SAM-Med3D of another size or variant (position embedding {list(pos.shape)}, "
-                f"expected {list(own['image_encoder.pos_embed'].shape)}).")
-    return ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +116,7 @@ def read_bundle_config(folder: PathLike) -> dict:
     except UnicodeDecodeError:
         raise SAMMed3DError(f"{config_path} is not UTF-8 text; export the bundle again.") from None
     except OSError as exc:
-        raise _unreadable(config_path, exc) from exc
+        raise unreadable(config_path, exc) from exc
     return _validate_config(raw, folder)
 
 
@@ -522,7 +270,7 @@ def _validate_model_config(raw: Mapping, c: _Checker) -> dict:
 
 def _validate_hub_pointer(raw: Mapping, c: _Checker, where: str) -> dict:
     repo_id = c.field(raw, "repo_id", str, where)
-    c.require(bool(_REPO_ID_RE.match(repo_id)), f"'{where}repo_id' must look like 'owner/name', not {repo_id!r}")
+    c.require(is_repo_id(repo_id), f"'{where}repo_id' must look like 'owner/name', not {repo_id!r}")
     filename = c.field(raw, "filename", str, where)
     c.require(bool(filename.strip()) and not filename.startswith("/") and ".." not in PurePosixPath(filename).parts,
               f"'{where}filename' must be a file path inside the Hub repository, not {filename!r}")
@@ -532,7 +280,7 @@ def _validate_hub_pointer(raw: Mapping, c: _Checker, where: str) -> dict:
     c.require(revision is None or (isinstance(revision, str) and revision.strip() != ""),
               f"'{where}revision' must be a branch, tag or commit string, or null")
     sha = raw.get("sha256")
-    c.require(sha is None or (isinstance(sha, str) and bool(_SHA256_RE.match(sha))),
+    c.require(sha is None or (isinstance(sha, str) and SHA256_RE.fullmatch(sha) is not None),
               f"'{where}sha256' must be 64 lowercase hexadecimal digits or null")
     unknown = sorted(set(raw) - {"repo_id", "filename", "revision", "sha256"})
     c.require(not unknown, f"{repr(where[:-1]) if where else 'the pointer'} has unknown field(s) {unknown}")
@@ -571,7 +319,7 @@ def _file_entry(entry: Mapping, where: str, c: _Checker, files: Dict[str, str]) 
     key = PurePosixPath(rel).as_posix()
     c.require(key.lower() not in {k.lower() for k in files}, f"{key} is listed twice")
     sha = c.field(entry, "sha256", str, where)
-    c.require(bool(_SHA256_RE.match(sha)), f"'{where}sha256' must be 64 lowercase hexadecimal digits")
+    c.require(SHA256_RE.fullmatch(sha) is not None, f"'{where}sha256' must be 64 lowercase hexadecimal digits")
     files[key] = sha
     return {"file": key, "sha256": sha}
 
@@ -601,20 +349,11 @@ def _expert_name_problem(name: str) -> Optional[str]:
 # --------------------------------------------------------------------------------------------
 # Checksums
 # --------------------------------------------------------------------------------------------
-def file_sha256(path: PathLike) -> str:
-    """Lowercase hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(os.fspath(path), "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify(path: Path, expected: str, what: str) -> None:
     try:
         actual = file_sha256(path)
     except OSError as exc:
-        raise _unreadable(path, exc) from exc
+        raise unreadable(path, exc) from exc
     if actual != expected:
         raise SAMMed3DError(
             f"{what} {path.name} ({path}) has SHA-256 {actual}, but config.json records {expected}: the bundle is "
@@ -665,7 +404,9 @@ def _load_base(folder: Path, config: dict, *, progress: Any = None, cancel: Any 
         source = f"{path.name} of bundle {folder}"
     else:
         pointer = config["base"]["hub"]
-        from .hub import download_file  # lazily: only bundles that point at the Hub need it
+        from .hub import (
+            download_file,  # lazily: only bundles that point at the Hub need it
+        )
 
         path = Path(download_file(pointer["repo_id"], pointer["filename"], revision=pointer["revision"],
                                   sha256=pointer["sha256"], progress=progress, cancel=cancel))
@@ -674,11 +415,11 @@ def _load_base(folder: Path, config: dict, *, progress: Any = None, cancel: Any 
         state = load_state_dict_file(path)
         source = f"{pointer['repo_id']}/{pointer['filename']} (the base of bundle {folder})"
     size = {k: v for k, v in model_config.items() if VIT_B_ORI.get(k) != v}
-    return _base_from_state_dict(state, box_prompts=box_prompts, size=size, source=source)
+    return base_from_state_dict(state, box_prompts=box_prompts, size=size, source=source)
 
 
 def _read_bundle_tensors(path: Path) -> Dict[str, Tensor]:
-    return _read_safetensors(path)
+    return read_safetensors(path)
 
 
 def _load_experts_and_gate(folder: Path, config: dict) -> Tuple[Dict[str, MaskDecoder3D], Optional[GatingNetwork],
@@ -689,7 +430,7 @@ def _load_experts_and_gate(folder: Path, config: dict) -> Tuple[Dict[str, MaskDe
     for entry in config["experts"]:
         decoder = build_mask_decoder(model_config)
         path = _bundle_path(folder, entry["file"])
-        _load_strict(decoder, _read_bundle_tensors(path), source=f"expert '{entry['name']}' ({entry['file']})",
+        load_strict(decoder, _read_bundle_tensors(path), source=f"expert '{entry['name']}' ({entry['file']})",
                      expected="a mask decoder of this bundle's base model", guess=_guess_decoder)
         experts[entry["name"]] = decoder.eval()
         info[entry["name"]] = ExpertInfo(entry["name"], list(entry["targets"]), entry["modality"], entry["description"])
@@ -697,7 +438,7 @@ def _load_experts_and_gate(folder: Path, config: dict) -> Tuple[Dict[str, MaskDe
     if config["gate"] is not None:
         gate = GatingNetwork(**config["gate"]["config"])
         path = _bundle_path(folder, config["gate"]["file"])
-        _load_strict(gate, _read_bundle_tensors(path), source=f"gate ({config['gate']['file']})",
+        load_strict(gate, _read_bundle_tensors(path), source=f"gate ({config['gate']['file']})",
                      expected=f"a gating network with {config['gate']['config']}")
         gate.eval()
     return experts, gate, info
@@ -815,7 +556,7 @@ def _write_bundle(folder: Path, moe: SamMed3DMoE, *, model_config: dict, preproc
         "preprocessing": _jsonable(pre),
     }
     _validate_config(json.loads(json.dumps(config)), folder)  # what we write must read back
-    _atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
     keep = {e[0].lower() for e in _local_entries(config)}
     for rel in old_files:
@@ -883,10 +624,10 @@ def _write_tensor_files(folder: Path, files: Mapping[str, Mapping[str, Tensor]])
         for rel, state in files.items():
             target = _bundle_path(folder, rel)
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _temp_name(target)
+            tmp = temp_name(target)
             pending.append((tmp, target))
             save_file(_tensors_for_safetensors(state), os.fspath(tmp), metadata={"format": "pt"})
-            _fsync(tmp)
+            fsync(tmp)
             digests[rel] = file_sha256(tmp)
             if target.is_file() and target.stat().st_size == tmp.stat().st_size and file_sha256(target) == digests[rel]:
                 tmp.unlink()
@@ -904,31 +645,6 @@ def _write_tensor_files(folder: Path, files: Mapping[str, Mapping[str, Tensor]])
             except OSError:
                 pass
     return digests
-
-
-def _temp_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise SAMMed3DError(f"could not write {path}: {exc.strerror or exc}. Check the free disk space and the "
-                            "folder's permissions.") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _jsonable(value: Any) -> Any:
@@ -992,7 +708,7 @@ def add_expert_to_bundle(folder: PathLike, name: str, decoder_state_or_file: Any
         state, source = decoder_state_or_file.state_dict(), f"the decoder given for expert {name!r}"
     elif isinstance(decoder_state_or_file, Mapping):
         state, source = dict(decoder_state_or_file), f"the state dict given for expert {name!r}"
-        if not _all_tensors(state):
+        if not all_tensors(state):
             raise SAMMed3DError(f"{source} is not a state dict (names to tensors)")
     elif isinstance(decoder_state_or_file, (str, os.PathLike)):
         state = load_state_dict_file(decoder_state_or_file)
@@ -1001,7 +717,7 @@ def add_expert_to_bundle(folder: PathLike, name: str, decoder_state_or_file: Any
         raise SAMMed3DError("the expert must be a mask decoder state dict, a MaskDecoder3D, or a "
                             f".safetensors/.pth file, not {type(decoder_state_or_file).__name__}")
     decoder = build_mask_decoder(config["base"]["model_config"])
-    _load_strict(decoder, state, source=source, expected="a mask decoder of this bundle's base model",
+    load_strict(decoder, state, source=source, expected="a mask decoder of this bundle's base model",
                  guess=_guess_decoder)
 
     moe = _bundle_without_base_weights(folder, config)
