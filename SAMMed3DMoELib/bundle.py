@@ -34,7 +34,7 @@ from .checkpoint import (
     read_safetensors,
 )
 from .device import select_device
-from .errors import SAMMed3DError
+from .errors import DownloadError, SAMMed3DError
 from .files import (
     CHECKPOINT_SUFFIXES,
     SAFETENSORS_SUFFIX,
@@ -404,14 +404,13 @@ def _load_base(folder: Path, config: dict, *, progress: Any = None, cancel: Any 
         source = f"{path.name} of bundle {folder}"
     else:
         pointer = config["base"]["hub"]
-        from .hub import (
-            download_file,  # lazily: only bundles that point at the Hub need it
-        )
+        from .hub import download_file  # lazily: only bundles that point at the Hub need it
 
-        path = Path(download_file(pointer["repo_id"], pointer["filename"], revision=pointer["revision"],
-                                  sha256=pointer["sha256"], progress=progress, cancel=cancel))
-        if pointer["sha256"] is not None:
-            _verify(path, pointer["sha256"], "base checkpoint")
+        try:  # download_file checks the pointer's SHA-256
+            path = Path(download_file(pointer["repo_id"], pointer["filename"], revision=pointer["revision"],
+                                      sha256=pointer["sha256"], progress=progress, cancel=cancel))
+        except DownloadError as exc:
+            raise DownloadError(f"The base model of bundle {folder} could not be fetched: {exc}") from exc
         state = load_state_dict_file(path)
         source = f"{pointer['repo_id']}/{pointer['filename']} (the base of bundle {folder})"
     size = {k: v for k, v in model_config.items() if VIT_B_ORI.get(k) != v}

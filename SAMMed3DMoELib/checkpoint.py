@@ -10,18 +10,23 @@ mismatch is explained (another architecture, a decoder alone, a 2D SAM, a traini
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
+import io
 import os
 import pickle
+import pickletools
 import re
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .errors import SAMMed3DError
+from .errors import SAMMed3DError, UnsafeCheckpointError, exception_text
 from .files import CHECKPOINT_SUFFIXES, SAFETENSORS_SUFFIX, TORCH_SUFFIXES, unreadable
 from .model import SamMed3D, build_sam_med3d
 
@@ -82,92 +87,179 @@ def read_safetensors(path: Path) -> Dict[str, Tensor]:
         raise unreadable(path, exc) from exc
     except Exception as exc:  # safetensors raises its own SafetensorError for bad headers/data
         raise SAMMed3DError(
-            f"{path.name} is damaged: it is not a readable .safetensors file ({_first_line(exc)}). "
+            f"{path.name} is damaged: it is not a readable .safetensors file ({exception_text(exc, first_line_only=True)}). "
             "Download or export it again."
         ) from None
 
 
 def _read_torch_file(path: Path) -> Any:
     try:
-        with _extra_safe_globals():
+        with torch.serialization.safe_globals(_safe_globals_list()), warnings.catch_warnings():
+            # torch warns (to programmers) about pickle protocols it did not write; the refusal says enough.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        message = str(exc)
-        refused = re.search(r"Unsupported (?:global|class):?\s*(?:GLOBAL\s+)?([\w.]+)", message)
-        if refused or "unrecognized function" in message or "Can only build" in message:
-            what = f" (it asks for {refused.group(1)})" if refused else ""
-            raise SAMMed3DError(
-                f"{path.name} contains executable Python objects{what}, so it was refused and nothing in "
-                "it was run. Only plain weight files are loaded: use a checkpoint that holds tensors only "
-                "(an official SAM-Med3D .pth or a .safetensors file), or, if you trust its source, load it "
-                "yourself and save model.state_dict() with torch.save."
-            ) from None
-        raise SAMMed3DError(
-            f"{path.name} could not be read: it is damaged or not a PyTorch checkpoint "
-            f"({_pickle_detail(message)}); nothing in it was run. Download it again."
-        ) from None
     except OSError as exc:
         raise unreadable(path, exc) from exc
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError) as exc:
-        empty = path.stat().st_size == 0
-        raise SAMMed3DError(
-            f"{path.name} is damaged ({'the file is empty' if empty else _first_line(exc)}): it is probably "
-            "truncated or corrupt. Download it again."
-        ) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError,
+            TypeError, AttributeError) as exc:
+        raise _refusal(path, exc) from None
 
 
-def _pickle_detail(message: str) -> str:
-    match = re.search(r"WeightsUnpickler error:\s*(.+)", message)
-    return match.group(1).strip() if match else _first_line(message)
+def _refusal(path: Path, exc: BaseException) -> SAMMed3DError:
+    """Why ``torch.load(weights_only=True)`` did not load ``path``. A file whose pickle asks for
+    anything the weights-only loader refuses (``os.system``, ``builtins.eval``, any class or
+    function outside PyTorch's allowlist) carries code and is named so, whatever else is wrong
+    with it; only a file without such a request is called damaged or of another format."""
+    try:
+        requests, intact = pickle_imports(path)
+    except OSError as err:
+        return unreadable(path, err)
+    allowed = _loader_allowlist()
+    code = sorted({name for name in requests if name not in allowed})
+    if code:
+        return UnsafeCheckpointError(
+            f"{path.name} carries code: loading it would call {', '.join(code[:_LIST_SHOWN])}"
+            f"{', ...' if len(code) > _LIST_SHOWN else ''} (no weight file needs that). It was refused and "
+            "nothing in it ran. Do not open it with other programs; use a weight file that holds tensors "
+            "only (an official SAM-Med3D .pth from the model catalog, or a .safetensors file) from a source "
+            "you trust."
+        )
+    if path.stat().st_size == 0:
+        detail = "the file is empty"
+    elif isinstance(exc, pickle.UnpicklingError) and intact:
+        return SAMMed3DError(
+            f"{path.name} is not a PyTorch checkpoint this program can read ({_loader_detail(exc)}); nothing in "
+            "it was run. Give a file saved with torch.save(model.state_dict(), ...) or a .safetensors file."
+        )
+    else:
+        detail = _loader_detail(exc)
+    return SAMMed3DError(
+        f"{path.name} is damaged ({detail}): it is probably truncated or corrupt, and nothing in it was run. "
+        "Download or copy it again."
+    )
 
 
-def _first_line(exc: Union[BaseException, str]) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+def _loader_detail(exc: BaseException) -> str:
+    """The part of a loader error that describes the file, without PyTorch's advice to programmers."""
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+    text = match.group(1).strip() if match else exception_text(exc, first_line_only=True)
+    if "weights_only" in text or "safe_globals" in text or not text:
+        return type(exc).__name__
+    return text
 
 
-class _extra_safe_globals:
-    """Allow, for one ``torch.load``, the data-only types that official training checkpoints
-    keep next to the weights. None of them can run code: a Namespace only stores attributes,
-    numpy scalars and arrays only copy bytes into numbers."""
+def _loader_allowlist() -> set:
+    """The "module.name" globals that ``torch.load(weights_only=True)`` accepts here: PyTorch's
+    own allowlist (``torch._weights_only_unpickler``, the loader itself, private but present in
+    every torch this package allows; a test checks it) plus :func:`_safe_globals_list`."""
+    from torch import _weights_only_unpickler as loader
 
-    def __init__(self) -> None:
-        self._context = None
-        factory = getattr(torch.serialization, "safe_globals", None)
-        if factory is not None:
-            self._context = factory(_safe_globals_list())
-
-    def __enter__(self) -> None:
-        if self._context is not None:
-            self._context.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._context is not None:
-            self._context.__exit__(*exc)
+    with torch.serialization.safe_globals(_safe_globals_list()):
+        return set(loader._get_allowed_globals()) | set(loader._get_user_allowed_globals())
 
 
 def _safe_globals_list() -> list:
-    allowed: list = [argparse.Namespace]
-    try:
-        import numpy as np
+    """The data-only types that official training checkpoints keep next to the weights, allowed
+    for one ``torch.load``. None of them can run code: a Namespace only stores attributes, numpy
+    scalars and arrays only copy bytes into numbers. The ``(object, name)`` pairs accept files
+    pickled under the other numpy major version's module path."""
+    import numpy as np
 
-        try:
-            from numpy._core import multiarray  # numpy >= 2
-        except ImportError:  # pragma: no cover - numpy 1.x
-            from numpy.core import multiarray  # type: ignore[no-redef]
-        allowed += [multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype]
-        allowed += sorted({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"}, key=str)
-        if _torch_version() >= (2, 6):  # (object, name) pairs: the other numpy major's module path
-            for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-                allowed += [(multiarray.scalar, f"{module}.scalar"), (multiarray._reconstruct, f"{module}._reconstruct")]
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
+    try:
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    allowed: list = [argparse.Namespace, multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype]
+    allowed += sorted({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"}, key=str)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(multiarray.scalar, f"{module}.scalar"), (multiarray._reconstruct, f"{module}._reconstruct")]
     return allowed
 
 
-def _torch_version() -> Tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", torch.__version__)
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+# --------------------------------------------------------------------------------------------
+# What a refused file asks for, read without running it
+# --------------------------------------------------------------------------------------------
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+_LEGACY_PICKLES = 5  # legacy torch.save: magic number, protocol, system info, the object, storage keys
+
+
+def pickle_imports(path: Path) -> Tuple[Set[str], bool]:
+    """Every global ("module.name") the pickle(s) in ``path`` would import when loaded, and
+    whether they were read to their end. Nothing is unpickled: the opcodes are listed with the
+    standard library's ``pickletools``. Reads the three forms ``torch.load`` accepts: a zip
+    (``torch.save``'s format since 1.6: ``<name>/data.pkl``), the legacy format (several pickles
+    in a row) and a plain pickle. A name computed at load time is reported as such."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+        handle.seek(0)
+        if head.startswith(b"PK"):
+            try:
+                with zipfile.ZipFile(handle) as archive:
+                    member = next((n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
+                    if member is None:
+                        return set(), False
+                    return _scan_pickles(io.BytesIO(archive.read(member)), count=1)
+            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError):
+                return set(), False
+        return _scan_pickles(handle, count=_LEGACY_PICKLES)
+
+
+def _scan_pickles(stream, count: int) -> Tuple[Set[str], bool]:
+    found: Set[str] = set()
+    for index in range(count):
+        ops, complete = _pickle_ops(stream)
+        found |= _imports(ops)
+        if not complete:
+            return found, False
+        legacy = any(op.name == "LONG1" and arg == torch.serialization.MAGIC_NUMBER for op, arg in ops)
+        if index == 0 and not legacy:  # a plain pickle: one object
+            return found, True
+    return found, True
+
+
+def _pickle_ops(stream) -> Tuple[List[Tuple[Any, Any]], bool]:
+    ops: List[Tuple[Any, Any]] = []
+    try:
+        for op, arg, _ in pickletools.genops(stream):
+            ops.append((op, arg))
+    except (ValueError, EOFError, UnicodeDecodeError):  # truncated or not a pickle: what was read before
+        return ops, False
+    return ops, bool(ops)
+
+
+def _imports(ops: List[Tuple[Any, Any]]) -> Set[str]:
+    """Globals named by GLOBAL/INST (inline) and STACK_GLOBAL (the two strings pushed before it,
+    possibly through the memo), mapped as Python 2 names are on load."""
+    found: Set[str] = set()
+    recent: List[Any] = []
+    memo: Dict[Any, Any] = {}
+    for op, arg in ops:
+        name = op.name
+        if name in ("GLOBAL", "INST"):
+            module, _, attr = str(arg).partition(" ")
+            found.add(_python3_name(module, attr))
+        elif name == "STACK_GLOBAL":
+            module, attr = (recent[-2], recent[-1]) if len(recent) >= 2 else (None, None)
+            ok = isinstance(module, str) and isinstance(attr, str)
+            found.add(_python3_name(module, attr) if ok else "(a function named only when the file is loaded)")
+        elif name.startswith("EXT"):
+            found.add(f"(copyreg extension {arg})")
+        if name in _STRING_OPS:
+            recent.append(arg)
+        elif name == "MEMOIZE":
+            memo[len(memo)] = recent[-1] if recent else None
+        elif name.endswith("PUT"):
+            memo[arg] = recent[-1] if recent else None
+        elif name.endswith("GET"):
+            recent.append(memo.get(arg))
+        elif op.stack_after:
+            recent.append(None)
+    return found
+
+
+def _python3_name(module: str, attr: str) -> str:
+    module, attr = _compat_pickle.NAME_MAPPING.get((module, attr), (module, attr))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}"
 
 
 def _extract_state_dict(obj: Any, path: Path) -> Dict[str, Tensor]:

@@ -15,7 +15,12 @@ class                             exit  meaning
 :class:`ConsentDeclined`          5     the user declined a download (or another action asked first)
 :class:`CancelledError`           130   cancelled by the caller (as Ctrl-C is)
 ================================  ====  ==========================================
+
+:func:`exception_text` is the one place where an exception from another library (ITK, PyTorch,
+safetensors) is turned into the short text quoted inside these messages.
 """
+
+import re
 
 
 class SAMMed3DError(ValueError):
@@ -50,3 +55,19 @@ class CancelledError(SAMMed3DError):
     """Long work (a download, an inference job) was cancelled by the caller."""
 
     exit_code = 130
+
+
+_LIBRARY_NOISE = re.compile(r"^Exception thrown in SimpleITK|trouble reading|trouble$|_read:$")
+_ADDRESS = re.compile(r"\(0x[0-9a-fA-F]+\)")
+
+
+def exception_text(exc: BaseException, *, first_line_only: bool = False, limit: int = 300) -> str:
+    """``exc``'s message on one line for quoting in a user message: ITK's source-file preamble and
+    object addresses dropped, lines joined with '; ' (or only the first one, for libraries such
+    as PyTorch whose later lines are advice meant for programmers), at most ``limit`` characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [_ADDRESS.sub("", ln) for ln in lines if not _LIBRARY_NOISE.search(ln)]
+    if first_line_only:
+        lines = lines[:1]
+    text = "; ".join(lines) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -3,7 +3,7 @@
 Everything goes through ``huggingface_hub`` and its standard cache (``HF_HUB_CACHE`` /
 ``HF_HOME``), so files fetched here are shared with every other Hub client on the machine.
 
-What this module adds on top of ``huggingface_hub`` (behaviour checked against 2.4):
+What this module adds on top of ``huggingface_hub`` (tested with the versions pyproject.toml allows):
 
 * **The environment is read at call time.** ``huggingface_hub`` reads ``HF_ENDPOINT``,
   ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE``/``HF_HOME`` once, when it is imported. Here the endpoint
@@ -14,22 +14,22 @@ What this module adds on top of ``huggingface_hub`` (behaviour checked against 2
   is hashed: against the SHA-256 given by the caller (the catalog), otherwise against the
   server's ETag when that is a SHA-256 (the Hub's ETag of an LFS file is its SHA-256). A file
   that does not match is deleted from the cache (blob and snapshot link).
-* **Resume across calls.** ``huggingface_hub`` resumes a dropped connection inside one call (it
-  retries with a ``Range`` header), but it writes into a temporary file with a unique name and
-  deletes that file when the call fails, so a cancelled or crashed download starts again from
-  zero. Here the temporary file is hard-linked to ``blobs/<etag>.partial`` as soon as it is
-  created; the next call downloads only the rest (``Range: bytes=N-``) and moves the finished
-  file into place, and ``hf_hub_download`` then links it into the snapshot as usual.
-* **Progress and cancel.** A ``progress(done_bytes, total_bytes)`` callback for GUIs (a terminal
-  bar when there is no callback and stderr is a terminal) and a ``threading.Event`` that stops the
-  download at the next chunk with :class:`~SAMMed3DMoELib.errors.CancelledError`. Both hook into
-  the ``tqdm_class`` that ``hf_hub_download`` accepts. ``huggingface_hub`` reads the network in
-  10 MiB chunks, so this module lowers ``huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE`` to
-  256 KiB, so that progress and cancel respond more often.
-* **Clear errors.** Missing repository, missing file, missing revision, no network and offline
-  mode each raise :class:`~SAMMed3DMoELib.errors.SAMMed3DError`. The message says what to do.
-  Without a network (offline mode, or the server cannot be reached), a cached copy is used when
-  there is one, with a warning in the log.
+* **Resume across calls, progress and cancel.** For plain HTTP files this module reads the body
+  itself (through huggingface_hub's HTTP session and headers) into
+  ``blobs/<etag>.partial``, 256 KiB at a time, then moves it to ``blobs/<etag>`` and lets
+  ``hf_hub_download`` link it into the snapshot as usual. huggingface_hub's own reader takes
+  ``constants.DOWNLOAD_CHUNK_SIZE`` (10 MiB) pieces, and that constant is process-wide: other
+  Slicer extensions share it, so it is never changed here. A cancelled or dropped download keeps
+  its ``.partial`` bytes; the next call asks only for the rest (``Range: bytes=N-``). A
+  ``progress(done_bytes, total_bytes)`` callback for GUIs (a terminal bar when there is no
+  callback and stderr is a terminal) and a ``threading.Event`` that stops the download before
+  the next 256 KiB with :class:`~SAMMed3DMoELib.errors.CancelledError`.
+* **Clear errors.** Missing repository, file or revision, refused access, no network, offline
+  mode and a checksum mismatch raise :class:`~SAMMed3DMoELib.errors.DownloadError` (exit status
+  3 on the command line); an invalid repo id or argument raises
+  :class:`~SAMMed3DMoELib.errors.SAMMed3DError`. The message says what to do. Without a network
+  (offline mode, or the server cannot be reached), a cached copy is used when there is one, with
+  a warning in the log.
 
 Files stored in Xet (``hf_xet`` installed and the server announces Xet) are downloaded by
 ``hf_xet``. It keeps its own chunk cache, so the ``.partial`` mechanism above is not used for
@@ -43,12 +43,12 @@ forwards the progress to its own thread.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Union
@@ -57,6 +57,7 @@ from huggingface_hub import (
     HfApi,
     RepoFile,
     get_hf_file_metadata,
+    get_session,
     hf_hub_download,
     hf_hub_url,
     snapshot_download,
@@ -74,13 +75,13 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.file_download import http_get, repo_folder_name
-from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_objects
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_objects, hf_raise_for_status
 from tqdm.auto import tqdm
 
 from .catalog import CatalogEntry, load_catalog, spec_form
-from .errors import CancelledError, SAMMed3DError
-from .files import CHECKPOINT_SUFFIXES, SHA256_RE
+from .errors import CancelledError, DownloadError, SAMMed3DError
+from .files import CHECKPOINT_SUFFIXES, SHA256_RE, file_sha256
 
 __all__ = [
     "CatalogEntry",
@@ -102,8 +103,10 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 BUNDLE_CONFIG = "config.json"
 
 _CHUNK_BYTES = 256 * 1024  # network read size while downloading: the step of progress and cancel
+_DROPS_RESUMED = 5  # dropped connections resumed within one call
 _PARTIAL_SUFFIX = ".partial"  # blobs/<etag>.partial: bytes kept from an interrupted download
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+_ETAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,32 +176,32 @@ def _hub_error(exc: BaseException, *, repo_id: str, filename: Optional[str], rev
             f"'{repo_id}' is not a valid Hugging Face repo id ({exc}). Use 'owner/name', e.g. 'blueyo0/SAM-Med3D'."
         )
     if isinstance(exc, GatedRepoError):
-        return SAMMed3DError(
+        return DownloadError(
             f"Repository '{repo_id}' on {endpoint} is gated: accept its conditions on its web page, then log in "
             "(`hf auth login`, or set HF_TOKEN) and try again."
         )
     if isinstance(exc, RepositoryNotFoundError):
-        return SAMMed3DError(
+        return DownloadError(
             f"Repository '{repo_id}' was not found on {endpoint}. Check the repo id (owner/name); if the "
             "repository is private, log in (`hf auth login`, or set HF_TOKEN)."
         )
     if isinstance(exc, RevisionNotFoundError):
-        return SAMMed3DError(
+        return DownloadError(
             f"Revision '{revision or 'main'}' does not exist in repository '{repo_id}' on {endpoint}. "
             "Use an existing branch, tag or commit."
         )
     if isinstance(exc, EntryNotFoundError) and not isinstance(exc, LocalEntryNotFoundError):
-        return SAMMed3DError(
+        return DownloadError(
             f"File '{filename}' does not exist in repository '{repo_id}' (revision '{revision or 'main'}') on "
             f"{endpoint}. Check the file name against the repository's file list."
         )
     if isinstance(exc, HfHubHTTPError) and _status(exc) == 404:
-        return SAMMed3DError(
+        return DownloadError(
             f"{_describe(repo_id, filename, revision)} was not found on {endpoint} (HTTP 404). Check the repo "
             "id and file name; if HF_ENDPOINT points to a mirror, check that the mirror has it."
         )
     if isinstance(exc, HfHubHTTPError) and _status(exc) in (401, 403):
-        return SAMMed3DError(
+        return DownloadError(
             f"Access to {_describe(repo_id, filename, revision)} on {endpoint} was refused "
             f"(HTTP {_status(exc)}). Log in with an account that may read it (`hf auth login`, or set HF_TOKEN)."
         )
@@ -236,8 +239,8 @@ def _is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
-def _not_available_offline(reason: str, what: str, settings: _Settings, get_hint: str) -> SAMMed3DError:
-    return SAMMed3DError(
+def _not_available_offline(reason: str, what: str, settings: _Settings, get_hint: str) -> DownloadError:
+    return DownloadError(
         f"{reason}, and {what} is not in the local cache ({settings.cache_dir}). To get it: download it on "
         f"a machine with internet access ({get_hint}) and copy the file (or that machine's Hugging Face "
         "cache folder) here, then pass the file's path instead; or set HF_ENDPOINT to a Hub mirror you can "
@@ -282,10 +285,10 @@ def _fetch_metadata(repo_id: str, filename: str, revision: Optional[str], endpoi
 def remote_file_info(repo_id: str, filename: str, revision: Optional[str] = None) -> RemoteFileInfo:
     """Size, ETag and commit of a file on the Hub (one HEAD request through ``HF_ENDPOINT``), so a
     GUI can show the size and ask before a large download. Offline or unreachable servers raise
-    SAMMed3DError (see :func:`cached_file` for what is already on disk)."""
+    DownloadError (see :func:`cached_file` for what is already on disk)."""
     settings = _settings()
     if settings.offline:
-        raise SAMMed3DError(
+        raise DownloadError(
             f"{settings.offline_reason}: the size of {_describe(repo_id, filename, revision)} cannot be asked "
             "for. Unset HF_HUB_OFFLINE to go online."
         )
@@ -296,7 +299,7 @@ def remote_file_info(repo_id: str, filename: str, revision: Optional[str] = None
         if error is not None:
             raise error from exc
         if _is_unreachable(exc):
-            raise SAMMed3DError(
+            raise DownloadError(
                 f"Cannot reach {settings.endpoint} to look up {_describe(repo_id, filename, revision)} "
                 f"({type(exc).__name__}: {exc}). Check the internet connection and proxy settings, or set "
                 "HF_ENDPOINT to a Hub mirror you can reach."
@@ -354,7 +357,6 @@ class _Reporter:
         self.terminal = terminal
         self.done = 0
         self.total = 0
-        self.on_start: Optional[Callable[[], None]] = None
         self.partial_kept = False
         self.label = ""
 
@@ -364,13 +366,10 @@ class _Reporter:
     def start(self, total: Optional[float], initial: Optional[float]) -> None:
         self.total = int(total or 0)
         self.done = int(initial or 0)
-        hook, self.on_start = self.on_start, None
-        if hook is not None:
-            hook()
         self.emit()
 
     def advance(self, n: Optional[float], total: Optional[float]) -> None:
-        self.check()  # before the library writes this chunk: the kept part stays a clean prefix
+        self.check()  # before the chunk is written: the kept part stays a clean prefix
         if total:
             self.total = int(total)
         self.done += int(n or 0)
@@ -382,7 +381,8 @@ class _Reporter:
 
 
 def _bar_class(reporter: _Reporter) -> type:
-    """A tqdm class for ``hf_hub_download(tqdm_class=...)`` that reports to ``reporter``."""
+    """A tqdm class that reports to ``reporter``: the bar of :func:`_stream_to_blob`, and the
+    ``tqdm_class`` given to ``hf_hub_download`` for files that ``hf_xet`` downloads."""
 
     class _HubProgressBar(tqdm):
         def __init__(self, *args, **kwargs):
@@ -424,40 +424,16 @@ class _TerminalBar:
         self._bar.close()
 
 
-def _limit_chunk_size() -> None:
-    # huggingface_hub reads the body in DOWNLOAD_CHUNK_SIZE pieces (10 MiB) and calls the bar
-    # once per piece; smaller pieces make progress and cancel responsive on slow links.
-    if getattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 0) > _CHUNK_BYTES:
-        hf_constants.DOWNLOAD_CHUNK_SIZE = _CHUNK_BYTES
-
-
 # --------------------------------------------------------------------------------------------
-# Hashing
+# Checking content
 # --------------------------------------------------------------------------------------------
 
-_HASHES: dict[tuple[str, int, int], str] = {}
-_HASHES_LOCK = threading.Lock()
 
-
-def _sha256(path: Path, cancel: Optional[threading.Event] = None, what: str = "") -> str:
-    real = os.path.realpath(path)
-    stat = os.stat(real)
-    key = (real, stat.st_size, stat.st_mtime_ns)
-    with _HASHES_LOCK:
-        if key in _HASHES:
-            return _HASHES[key]
-    digest = hashlib.sha256()
-    with open(real, "rb") as f:
-        while True:
-            _raise_if_cancelled(cancel, what or str(path))
-            block = f.read(4 * 1024 * 1024)
-            if not block:
-                break
-            digest.update(block)
-    value = digest.hexdigest()
-    with _HASHES_LOCK:
-        _HASHES[key] = value
-    return value
+def _sha256(path: Path, cancel: Optional[threading.Event], what: str) -> str:
+    try:
+        return file_sha256(path, cancel=cancel)
+    except CancelledError:
+        raise CancelledError(f"Download of {what} was cancelled (while its SHA-256 was checked).") from None
 
 
 def _discard_cached(path: Path, blob: Optional[Path] = None) -> None:
@@ -489,7 +465,7 @@ def _check_content(path: Path, *, expected: Optional[str], server_sha: Optional[
     if want is not None and digest != want:
         _discard_cached(path, blob)
         source = "the checksum recorded in the model catalog" if expected else "the checksum the server announced"
-        raise SAMMed3DError(
+        raise DownloadError(
             f"{'Downloaded' if fresh else 'Cached'} file {what} is corrupt or not the expected file: its SHA-256 is "
             f"{digest}, but {source} is {want}. The bad copy was deleted from the cache; download it again. If "
             "this happens again, the server or mirror (HF_ENDPOINT) serves a different file: if the model was "
@@ -578,6 +554,9 @@ def _fetch_file(repo_id: str, filename: str, *, revision: Optional[str], sha256:
         return use_cache(_unreachable_reason(exc, settings.endpoint, repo_id=repo_id, filename=filename, revision=revision))
 
     etag = str(meta.etag)
+    if not _ETAG_RE.fullmatch(etag):  # it names a file in the cache: never a path
+        raise DownloadError(f"{settings.endpoint} answered with an unusable ETag {etag[:80]!r} for {what}; "
+                            "check HF_ENDPOINT (it does not look like a Hugging Face Hub).")
     blob = storage / "blobs" / etag
     partial = blob.with_name(etag + _PARTIAL_SUFFIX)
     pointer = storage / "snapshots" / str(meta.commit) / filename
@@ -589,11 +568,9 @@ def _fetch_file(repo_id: str, filename: str, *, revision: Optional[str], sha256:
     reporter = _Reporter(what, progress, cancel, terminal)
     reporter.label = filename.rsplit("/", 1)[-1]
     try:
-        if fresh and plain_http and partial.is_file():
-            _resume_partial(meta, blob, partial, settings, repo_id, reporter)
-        if fresh and plain_http and not blob.exists():
-            reporter.on_start = lambda: _keep_partial(blob, partial, reporter)
-        _limit_chunk_size()
+        if fresh and plain_http:
+            _stream_to_blob(meta, blob, partial, settings, repo_id, reporter)
+        # Links the blob into the snapshot (or, for Xet files, downloads it with hf_xet).
         path = Path(hf_hub_download(
             repo_id, filename, revision=revision, cache_dir=str(settings.cache_dir),
             endpoint=settings.endpoint, tqdm_class=_bar_class(reporter),
@@ -608,7 +585,7 @@ def _fetch_file(repo_id: str, filename: str, *, revision: Optional[str], sha256:
             raise error from exc
         if _is_unreachable(exc) or isinstance(exc, OSError):
             kept = partial.is_file() and partial.stat().st_size > 0
-            raise SAMMed3DError(
+            raise DownloadError(
                 f"Download of {what} from {settings.endpoint} failed: {type(exc).__name__}: {exc}. "
                 "Check the connection and run it again"
                 + (" (it resumes from the part already downloaded)." if kept else ".")
@@ -643,43 +620,72 @@ def _final_progress(progress: Optional[ProgressCallback], path: Path) -> None:
         progress(size, size)
 
 
-def _keep_partial(blob: Path, partial: Path, reporter: _Reporter) -> None:
-    """Hard-link huggingface_hub's temporary download file (``<etag>.<random>.incomplete``, deleted by
-    the library when the call fails) to ``<etag>.partial``: the bytes it receives survive a cancel
-    or a crash. Called when the library creates its progress bar, right after it opened that file."""
-    candidates = [p for p in blob.parent.glob(blob.name + ".*.incomplete") if p.is_file()]
-    if not candidates:
-        return
-    newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
-    try:
-        partial.unlink(missing_ok=True)
-        os.link(newest, partial)
-        reporter.partial_kept = True
-    except OSError as exc:  # file systems without hard links: no resume across calls
-        logger.debug("Cannot keep the partial download %s: %s", newest, exc)
-
-
-def _resume_partial(meta: RemoteFileInfo, blob: Path, partial: Path, settings: _Settings, repo_id: str,
+def _stream_to_blob(meta: RemoteFileInfo, blob: Path, partial: Path, settings: _Settings, repo_id: str,
                     reporter: _Reporter) -> None:
-    """Download the rest of ``partial`` (a Range request) and move it to ``blob``."""
+    """Download the file into ``blobs/<etag>.partial`` (continuing what an earlier, interrupted
+    call left there, with ``Range``) and move it to ``blobs/<etag>``, where ``hf_hub_download``
+    finds it. Holds the lock file ``hf_hub_download`` takes for the same blob.
+
+    The body is read in ``_CHUNK_BYTES`` pieces, each reported to ``reporter`` (progress, cancel)
+    before it is written. huggingface_hub's own reader uses ``constants.DOWNLOAD_CHUNK_SIZE``
+    (10 MiB), a process-wide setting that other extensions in the same process share, so this
+    module reads the body itself instead of changing it. A connection that drops mid-way is
+    resumed from the last byte written, up to ``_DROPS_RESUMED`` times per call."""
     lock = settings.cache_dir / ".locks" / repo_folder_name(repo_id=repo_id, repo_type="model") / f"{blob.name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
+    blob.parent.mkdir(parents=True, exist_ok=True)
     with WeakFileLock(str(lock)):
-        if blob.exists() or not partial.is_file():
+        if blob.exists():
             return
-        have = partial.stat().st_size
+        have = partial.stat().st_size if partial.is_file() else 0
         if meta.size is not None and have > meta.size:
             partial.unlink()
-            return
-        logger.info("Resuming %s at byte %d of %s", reporter.what, have, meta.size)
-        reporter.partial_kept = True
+            have = 0
+        if have:
+            logger.info("Resuming %s at byte %d of %s", reporter.what, have, meta.size)
+            reporter.partial_kept = True
         headers = build_hf_headers()
         if _origin(meta.url) != _origin(settings.endpoint):
             headers.pop("authorization", None)  # never send the token to a CDN
-        with open(partial, "ab") as f:
-            http_get(meta.url, f, resume_size=have, headers=headers, expected_size=meta.size,
-                     tqdm_class=_bar_class(reporter))
+        bar = _bar_class(reporter)(total=meta.size, initial=have, unit="B", unit_scale=True, unit_divisor=1024)
+        try:
+            with open(partial, "ab") as out:
+                for attempt in range(_DROPS_RESUMED + 1):
+                    start = out.tell()
+                    try:
+                        _stream_body(meta.url, headers, start, out, bar, reporter)
+                        break
+                    except Exception as exc:
+                        if not _is_unreachable(exc) or attempt == _DROPS_RESUMED:
+                            raise
+                        logger.warning("Connection lost while downloading %s (%s); resuming at byte %d",
+                                       reporter.what, type(exc).__name__, out.tell())
+                        if out.tell() == start:
+                            time.sleep(1.0)  # no byte came: give the server a moment
+        finally:
+            bar.close()
+        size = partial.stat().st_size
+        if meta.size is not None and size != meta.size:
+            raise OSError(f"received {size} bytes, but the server announced {meta.size}")
         os.replace(partial, blob)
+
+
+def _stream_body(url: str, headers: dict, start: int, out, bar, reporter: _Reporter) -> None:
+    """Append the body of ``url`` from byte ``start`` to ``out``, one chunk at a time."""
+    request_headers = {**headers, "Range": f"bytes={start}-"} if start else headers
+    with get_session().stream("GET", url, headers=request_headers, follow_redirects=True) as response:
+        hf_raise_for_status(response)
+        if start and response.status_code != 206:  # the server ignored Range: start over
+            out.seek(0)
+            out.truncate()
+            bar.reset(total=bar.total)
+            reporter.start(bar.total, 0)
+        for chunk in response.iter_bytes(chunk_size=_CHUNK_BYTES):
+            if chunk:
+                bar.update(len(chunk))  # checks cancel before the chunk is written
+                out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _origin(url: str) -> tuple[str, str, Optional[int]]:
@@ -745,7 +751,7 @@ def download_snapshot(
         return use_cache(_unreachable_reason(exc, settings.endpoint, repo_id=repo_id, filename=None, revision=revision))
     files = list(filter_repo_objects(listing, allow_patterns=patterns, key=lambda entry: entry.path))
     if not files:
-        raise SAMMed3DError(
+        raise DownloadError(
             f"{what} on {settings.endpoint} has no files"
             + (f" matching {patterns}" if patterns else "") + ". Check the repo id and the patterns."
         )
@@ -823,8 +829,8 @@ def resolve_model(
             return _require_bundle(folder, origin=f"Hub repository '{text}'")
         except CancelledError:
             raise
-        except SAMMed3DError as exc:
-            raise SAMMed3DError(
+        except SAMMed3DError as exc:  # same class (a DownloadError stays one), with how the spec was read
+            raise type(exc)(
                 f"'{text}' is not a catalog name ({names}) or an existing local path, so it was looked up "
                 f"on the Hub: {exc}"
             ) from exc

@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .errors import SAMMed3DError
+from .errors import SAMMed3DError, exception_text
 from .geometry import Volume, check_voxels
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -30,21 +30,6 @@ def _sitk():
     return sitk
 
 
-def _first_line(exc: BaseException) -> str:
-    """ITK's error text without its source-file preamble and object addresses, on one line."""
-    import re
-
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    lines = [
-        ln
-        for ln in lines
-        if not ln.startswith("Exception thrown in SimpleITK") and not ln.endswith("trouble")
-        and "trouble reading" not in ln and not ln.endswith("_read:")
-    ]
-    text = "; ".join(re.sub(r"\(0x[0-9a-fA-F]+\)", "", ln) for ln in lines) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def _read_dicom_series(folder: Path):
     sitk = _sitk()
     reader = sitk.ImageSeriesReader()
@@ -52,7 +37,7 @@ def _read_dicom_series(folder: Path):
         series_ids = list(reader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError as exc:
         raise SAMMed3DError(
-            f"could not scan the folder {folder} for DICOM files ({_first_line(exc)}); "
+            f"could not scan the folder {folder} for DICOM files ({exception_text(exc)}); "
             "pass a folder holding one DICOM series, or an image file."
         ) from None
     if not series_ids:
@@ -76,7 +61,7 @@ def _read_dicom_series(folder: Path):
         return reader.Execute()
     except RuntimeError as exc:
         raise SAMMed3DError(
-            f"could not read the DICOM series in {folder} ({_first_line(exc)}); check that the "
+            f"could not read the DICOM series in {folder} ({exception_text(exc)}); check that the "
             "files are complete and belong to one 3D series."
         ) from None
 
@@ -213,7 +198,7 @@ def load_volume(path: PathLike) -> Volume:
             image = sitk.ReadImage(str(p))
         except RuntimeError as exc:
             raise SAMMed3DError(
-                f"could not read {p} as an image ({_first_line(exc)}): the file is corrupt, "
+                f"could not read {p} as an image ({exception_text(exc)}): the file is corrupt, "
                 "truncated or not in a supported format (NIfTI .nii/.nii.gz, NRRD .nrrd, "
                 "MetaImage .mha/.mhd, or a folder with one DICOM series); re-export it and try "
                 "again."
@@ -302,7 +287,7 @@ def save_mask(
         sitk.WriteImage(image, str(p), True)
     except RuntimeError as exc:
         raise SAMMed3DError(
-            f"could not write {p} ({_first_line(exc)}); check the folder is writable and the "
+            f"could not write {p} ({exception_text(exc)}); check the folder is writable and the "
             "disk not full."
         ) from None
     return p

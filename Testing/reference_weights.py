@@ -47,3 +47,10 @@ def reference_input(dtype=torch.float64) -> torch.Tensor:
 def reference_outputs() -> dict:
     with np.load(REFERENCE_DIR / "sammed3d_reference_outputs.npz") as data:
         return {k: data[k] for k in data.files}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two state dicts hold the same names and values (``b`` cast to ``a``'s dtypes)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key].to(a[key].dtype)), key

@@ -15,7 +15,7 @@ import pytest
 from hub_server import hub_server  # noqa: F401  (pytest fixture)
 from SAMMed3DMoELib import hub
 from SAMMed3DMoELib import catalog as model_catalog
-from SAMMed3DMoELib.errors import CancelledError, SAMMed3DError
+from SAMMed3DMoELib.errors import CancelledError, DownloadError, SAMMed3DError
 
 REPO = "test-org/tiny-model"
 
@@ -114,6 +114,21 @@ def test_size_first_then_verified_download_with_progress(hub_server):
     assert len(hub_server.gets("model.pth")) == 1
 
 
+def test_downloads_leave_huggingface_hub_settings_alone(hub_server):
+    """Other Slicer extensions share huggingface_hub in the same process: a download (resumed
+    after a dropped connection, with progress) must not change its process-wide constants."""
+    import huggingface_hub.constants as constants
+
+    before = {name: getattr(constants, name) for name in dir(constants) if name.isupper()}
+    data = _payload(1_200_000, seed=11)
+    hub_server.add_file(REPO, "model.pth", data)
+    hub_server.drop_after["model.pth"] = 500_000
+    assert hub.download_file(REPO, "model.pth", progress=lambda d, t: None).read_bytes() == data
+    after = {name: getattr(constants, name) for name in dir(constants) if name.isupper()}
+    assert after == before
+    assert before["DOWNLOAD_CHUNK_SIZE"] == 10 * 1024 * 1024  # huggingface_hub's own value, untouched
+
+
 def test_resume_after_dropped_connection(hub_server):
     data = _payload(2_000_000, seed=1)
     hub_server.add_file(REPO, "model.pth", data)
@@ -183,7 +198,7 @@ def test_corrupted_download_is_refused_and_removed(hub_server, with_expected_sha
     hub_server.corrupt.add("model.pth")
 
     sha = _sha(data) if with_expected_sha else None
-    with pytest.raises(SAMMed3DError, match="SHA-256") as caught:
+    with pytest.raises(DownloadError, match="SHA-256") as caught:
         hub.download_file(REPO, "model.pth", sha256=sha)
     assert "model.pth" in str(caught.value) and _sha(data) in str(caught.value)
     assert hub.cached_file(REPO, "model.pth") is None
@@ -197,14 +212,14 @@ def test_corrupted_download_is_refused_and_removed(hub_server, with_expected_sha
 def test_catalog_checksum_mismatch_is_refused(hub_server):
     data = _payload(5_000, seed=4)
     hub_server.add_file(REPO, "model.pth", data)
-    with pytest.raises(SAMMed3DError, match="catalog"):
+    with pytest.raises(DownloadError, match="catalog"):
         hub.download_file(REPO, "model.pth", sha256=_sha(b"something else"))
     assert hub.cached_file(REPO, "model.pth") is None
 
 
 def test_missing_file_names_repo_and_file(hub_server):
     hub_server.add_file(REPO, "model.pth", b"x" * 10)
-    with pytest.raises(SAMMed3DError) as caught:
+    with pytest.raises(DownloadError) as caught:
         hub.download_file(REPO, "no_such_file.pth")
     message = str(caught.value)
     assert REPO in message and "no_such_file.pth" in message and "does not exist" in message
@@ -213,12 +228,12 @@ def test_missing_file_names_repo_and_file(hub_server):
 
 
 def test_missing_repo_and_revision(hub_server):
-    with pytest.raises(SAMMed3DError, match="not found") as caught:
+    with pytest.raises(DownloadError, match="not found") as caught:
         hub.download_file("nobody/nothing", "model.pth")
     assert "nobody/nothing" in str(caught.value)
 
     hub_server.add_file(REPO, "model.pth", b"x" * 10)
-    with pytest.raises(SAMMed3DError, match="Revision 'v9'"):
+    with pytest.raises(DownloadError, match="Revision 'v9'"):
         hub.download_file(REPO, "model.pth", revision="v9")
 
 
@@ -235,7 +250,7 @@ def test_offline_mode_reuses_the_cached_copy_without_network(hub_server, monkeyp
     assert len(hub_server.requests) == seen  # not contacted
     assert any("Offline" in r.getMessage() and "cached" in r.getMessage() for r in caplog.records)
 
-    with pytest.raises(SAMMed3DError, match="Offline"):
+    with pytest.raises(DownloadError, match="Offline"):
         hub.remote_file_info(REPO, "model.pth")
     assert len(hub_server.requests) == seen
 
@@ -254,7 +269,7 @@ def test_unreachable_server_falls_back_to_the_cache(hub_server, caplog):
 def test_offline_with_nothing_cached_explains_what_to_do(hub_server, monkeypatch):
     hub_server.add_file(REPO, "model.pth", b"x" * 10)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SAMMed3DError) as caught:
+    with pytest.raises(DownloadError) as caught:
         hub.download_file(REPO, "model.pth")
     message = str(caught.value)
     for part in ("Offline", REPO, "model.pth", "HF_ENDPOINT", "path", "hf download"):
@@ -264,7 +279,7 @@ def test_offline_with_nothing_cached_explains_what_to_do(hub_server, monkeypatch
 
 def test_unreachable_with_nothing_cached_explains_what_to_do(hub_server):
     hub_server.stop()
-    with pytest.raises(SAMMed3DError, match="Cannot reach") as caught:
+    with pytest.raises(DownloadError, match="Cannot reach") as caught:
         hub.download_file(REPO, "model.pth")
     assert "HF_ENDPOINT" in str(caught.value)
 
@@ -316,13 +331,13 @@ def test_snapshot_patterns_and_corrupt_member(hub_server):
 
     # LFS members are checked against the SHA-256 in the repo listing.
     hub_server.corrupt.add("experts/expert_1.safetensors")
-    with pytest.raises(SAMMed3DError, match="expert_1"):
+    with pytest.raises(DownloadError, match="expert_1"):
         hub.download_snapshot(BUNDLE)
     assert not (folder / "experts" / "expert_1.safetensors").exists()
 
 
 def test_snapshot_of_missing_repo(hub_server):
-    with pytest.raises(SAMMed3DError, match="nobody/nothing"):
+    with pytest.raises(DownloadError, match="nobody/nothing"):
         hub.download_snapshot("nobody/nothing")
 
 
@@ -367,7 +382,7 @@ def test_resolve_hub_specs(hub_server):
     assert (folder / "config.json").read_bytes() == files["config.json"]
     with pytest.raises(SAMMed3DError, match="no config.json"):
         hub.resolve_model(REPO, catalog={})  # a repo without config.json is not a bundle
-    with pytest.raises(SAMMed3DError, match="nobody/nothing"):
+    with pytest.raises(DownloadError, match="nobody/nothing"):
         hub.resolve_model("nobody/nothing", catalog={})
 
 

@@ -1,27 +1,25 @@
-"""Weights on disk: official checkpoints (every accepted form, every refused one) and
-mixture-of-experts bundles (round trip, checksums, validation, editing on disk)."""
+"""Mixture-of-experts bundles on disk: round trip, checksums, validation, editing, a base on the
+(local stand-in) Hub, and the full-size official architecture through convert."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from reference_weights import reference_state_dict
+from hub_server import hub_server  # noqa: F401  (pytest fixture)
+from reference_weights import assert_same_state, reference_state_dict
 from SAMMed3DMoELib import bundle as B
 from SAMMed3DMoELib import checkpoint as C
+from SAMMed3DMoELib import hub
+from SAMMed3DMoELib.errors import DownloadError, SAMMed3DError
 from SAMMed3DMoELib.files import file_sha256
-from SAMMed3DMoELib.errors import SAMMed3DError
 from SAMMed3DMoELib.model import GatingNetwork
 from SAMMed3DMoELib.moe import ExpertInfo, SamMed3DMoE
 from tiny_models import TINY, tiny_moe, tiny_sam
-
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -41,27 +39,11 @@ def _predict(moe: SamMed3DMoE, expert: str = "auto", seed: int = 3):
     return moe.predict(moe.encode(image), points=points, expert=expert)
 
 
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key].to(a[key].dtype)), key
-
-
 def _edit_config(folder: Path, change) -> None:
     path = folder / B.CONFIG_NAME
     config = json.loads(path.read_text())
     change(config)
     path.write_text(json.dumps(config))
-
-
-class _Payload:
-    """Unpickling this calls ``open(marker, "w")``: a file appears if the pickle is executed."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 @pytest.fixture
@@ -70,172 +52,6 @@ def bundle(tmp_path):
     moe = tiny_moe(num_experts=2, tau=0.0)
     folder = B.save_bundle(moe, tmp_path / "bundle")
     return moe, folder
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint files
-# --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("form", ["official", "raw", "module_prefix", "state_dict_key", "safetensors", "numpy_extras"])
-def test_checkpoint_forms_load_every_tensor(tmp_path, form):
-    model = tiny_sam(seed=1, box_prompts=False)
-    sd = model.state_dict()
-    path = tmp_path / ("model.safetensors" if form == "safetensors" else "model.pth")
-    if form == "official":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        torch.save({"model_state_dict": sd, "optimizer_state_dict": optimizer.state_dict(), "epoch": 3,
-                    "losses": [0.9, 0.5], "best_loss": 0.5}, path)
-    elif form == "raw":
-        torch.save(sd, path)
-    elif form == "module_prefix":
-        torch.save({"model_state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 1}, path)
-    elif form == "state_dict_key":
-        torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "global_step": 10}, path)
-    elif form == "safetensors":
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    else:  # what official training scripts keep next to the weights: their arguments, numpy numbers
-        torch.save({"model_state_dict": sd, "args": argparse.Namespace(lr=1e-4, gpu_ids=[0, 1], task="x"),
-                    "dices": [np.float64(0.8)], "best_dice": np.float32(0.8), "epoch": np.int64(4)}, path)
-
-    loaded = C.load_state_dict_file(path)
-    _assert_same_state(sd, loaded)
-    rebuilt = C.load_checkpoint(path, **TINY)
-    assert not rebuilt.box_prompts
-    _assert_same_state(sd, rebuilt.state_dict())
-    assert rebuilt.config == model.config
-
-
-@pytest.mark.parametrize("box_prompts", [False, True])
-def test_box_prompts_detected_from_the_file(tmp_path, box_prompts):
-    model = tiny_sam(seed=2, box_prompts=box_prompts)
-    torch.save({"model_state_dict": model.state_dict()}, tmp_path / "m.pth")
-    loaded = C.load_checkpoint(tmp_path / "m.pth", **TINY)
-    assert loaded.box_prompts is box_prompts
-    _assert_same_state(model.state_dict(), loaded.state_dict())
-    if box_prompts:  # forcing the other architecture names the keys it lacks
-        with pytest.raises(SAMMed3DError, match=r"unexpected key\(s\).*point_embeddings\.2\.weight"):
-            C.load_checkpoint(tmp_path / "m.pth", box_prompts=False, **TINY)
-
-
-@pytest.mark.parametrize("container", ["torch_zip", "raw_pickle"])
-def test_malicious_pickle_is_refused_and_never_run(tmp_path, container):
-    marker = tmp_path / "pwned"
-    control = tmp_path / "control"
-    path = tmp_path / "evil.pth"
-    payload = {"model_state_dict": {"w": torch.zeros(2)}, "extra": _Payload(marker)}
-    if container == "torch_zip":
-        torch.save(payload, path)
-    else:
-        with open(path, "wb") as handle:
-            pickle.dump(payload, handle, protocol=2)
-
-    with pytest.raises(SAMMed3DError, match="executable") as info:
-        C.load_state_dict_file(path)
-    assert "refused" in str(info.value) and "nothing" in str(info.value)
-    assert not marker.exists()
-    with pytest.raises(SAMMed3DError):
-        C.load_checkpoint(path)
-    assert not marker.exists()
-
-    # The payload is real: an ordinary unpickler does create its file.
-    with open(tmp_path / "control.pkl", "wb") as handle:
-        pickle.dump(_Payload(control), handle, protocol=2)
-    with open(tmp_path / "control.pkl", "rb") as handle:
-        pickle.load(handle).close()
-    assert control.exists()
-
-
-def test_truncated_empty_and_missing_files_are_explained(tmp_path):
-    sd = tiny_sam(seed=1, box_prompts=False).state_dict()
-    full = tmp_path / "full.pth"
-    torch.save({"model_state_dict": sd, "epoch": 3}, full)
-    data = full.read_bytes()
-
-    half = tmp_path / "half.pth"
-    half.write_bytes(data[: len(data) // 2])
-    with pytest.raises(SAMMed3DError, match=r"half\.pth is damaged.*Download it again"):
-        C.load_state_dict_file(half)
-
-    legacy = tmp_path / "legacy.pt"
-    torch.save(sd, legacy, _use_new_zipfile_serialization=False)
-    legacy.write_bytes(legacy.read_bytes()[:-1000])
-    with pytest.raises(SAMMed3DError, match="damaged"):
-        C.load_state_dict_file(legacy)
-
-    empty = tmp_path / "empty.pth"
-    empty.write_bytes(b"")
-    with pytest.raises(SAMMed3DError, match="empty"):
-        C.load_state_dict_file(empty)
-
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(bytes(range(256)) * 8)
-    with pytest.raises(SAMMed3DError, match="damaged or not a PyTorch checkpoint"):
-        C.load_state_dict_file(garbage)
-
-    st = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
-    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
-    with pytest.raises(SAMMed3DError, match=r"model\.safetensors is damaged"):
-        C.load_state_dict_file(st)
-
-    with pytest.raises(SAMMed3DError, match="not found"):
-        C.load_state_dict_file(tmp_path / "nowhere.pth")
-    with pytest.raises(SAMMed3DError, match="folder"):
-        C.load_state_dict_file(tmp_path)
-    (tmp_path / "model.onnx").write_bytes(b"x")
-    with pytest.raises(SAMMed3DError, match="unknown checkpoint type"):
-        C.load_state_dict_file(tmp_path / "model.onnx")
-
-
-@pytest.mark.parametrize("content, message", [
-    ([torch.zeros(3)], "holds a list"),
-    ({"epoch": 3, "note": "hello"}, "none of model_state_dict"),
-    ({"model_state_dict": {"w": "not a tensor"}}, "none of model_state_dict"),
-    ({}, "no weights"),
-])
-def test_objects_that_are_not_state_dicts(tmp_path, content, message):
-    torch.save(content, tmp_path / "x.pth")
-    with pytest.raises(SAMMed3DError, match=message):
-        C.load_state_dict_file(tmp_path / "x.pth")
-
-
-def test_wrong_architecture_is_explained(tmp_path):
-    # A tiny SAM-Med3D into the official size: fewer blocks, smaller tensors.
-    torch.save({"model_state_dict": tiny_sam(box_prompts=False).state_dict()}, tmp_path / "tiny.pth")
-    with pytest.raises(SAMMed3DError) as info:
-        C.load_checkpoint(tmp_path / "tiny.pth")
-    text = str(info.value)
-    assert "SAM-Med3D ViT-B 'ori'" in text and "sam_med3d_turbo.pth" in text
-    assert "missing key(s) (image_encoder.blocks.2." in text
-    grid = TINY["img_size"] // TINY["patch_size"]
-    assert f"image_encoder.pos_embed: file [1, {grid}, {grid}, {grid}, 48] vs model [1, 8, 8, 8, 768]" in text
-    assert "another size or variant" in text
-
-    # A 2D SAM image encoder.
-    sam2d = {"image_encoder.patch_embed.proj.weight": torch.zeros(48, 3, 16, 16),
-             "image_encoder.pos_embed": torch.zeros(1, 4, 4, 48), "mask_decoder.iou_token.weight": torch.zeros(1, 48)}
-    torch.save(sam2d, tmp_path / "sam2d.pth")
-    with pytest.raises(SAMMed3DError, match="2D SAM checkpoint"):
-        C.load_checkpoint(tmp_path / "sam2d.pth", **TINY)
-
-    # Something else entirely, and a bare mask decoder.
-    torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(4)}, tmp_path / "resnet.pth")
-    with pytest.raises(SAMMed3DError, match=r"2 unexpected key\(s\) \(conv1\.weight, fc\.bias\).*another architecture"):
-        C.load_checkpoint(tmp_path / "resnet.pth", **TINY)
-    torch.save(tiny_sam().mask_decoder.state_dict(), tmp_path / "decoder.pth")
-    with pytest.raises(SAMMed3DError, match="mask decoder alone.*add_expert_to_bundle"):
-        C.load_checkpoint(tmp_path / "decoder.pth", **TINY)
-
-
-def test_missing_keys_are_named(tmp_path):
-    sd = tiny_sam(box_prompts=False).state_dict()
-    dropped = ["mask_decoder.iou_token.weight", "image_encoder.neck.1.bias"]
-    for key in dropped:
-        del sd[key]
-    torch.save(sd, tmp_path / "partial.pth")
-    with pytest.raises(SAMMed3DError, match=r"2 missing key\(s\)") as info:
-        C.load_checkpoint(tmp_path / "partial.pth", **TINY)
-    assert all(key in str(info.value) for key in dropped)
-    assert "unexpected" not in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +74,7 @@ def test_bundle_round_trip_gives_identical_predictions(bundle):
     assert loaded.expert_info == moe.expert_info
     assert (loaded.tau, loaded.selector) == (moe.tau, moe.selector)
     assert not loaded.training
-    _assert_same_state(moe.state_dict(), loaded.state_dict())
+    assert_same_state(moe.state_dict(), loaded.state_dict())
 
     before, after = _predict(moe), _predict(loaded)
     assert len(before.decoders) == 2  # the fused path ran, so experts and gate took part
@@ -389,29 +205,31 @@ def test_config_with_a_hub_pointer_validates(bundle, tmp_path):
             B.save_bundle(moe, tmp_path / "other", base_pointer=bad)
 
 
-def test_hub_pointer_base_is_fetched_through_hub_and_checked(bundle, tmp_path, monkeypatch):
-    """No network: hub.download_file is replaced by a local file, to check what load_bundle asks
-    for and that it verifies the checksum itself."""
-    hub = pytest.importorskip("SAMMed3DMoELib.hub")
+def test_hub_pointer_base_is_fetched_from_the_hub_and_checked(bundle, tmp_path, hub_server):
+    """The base checkpoint lives on the local Hub stand-in (real HTTP on 127.0.0.1): load_bundle
+    downloads exactly the pointed-to file and revision, verifies it, and refuses a wrong checksum
+    or a missing file with DownloadError."""
     moe, _ = bundle
     checkpoint = tmp_path / "official.pth"
     torch.save({"model_state_dict": moe.base.state_dict(), "epoch": 1}, checkpoint)
-    pointer = {"repo_id": "someone/sam-med3d", "filename": "ckpt/official.pth", "revision": "v1",
+    hub_server.add_file("someone/sam-med3d", "ckpt/official.pth", checkpoint.read_bytes())
+    commit = hub_server.commit("someone/sam-med3d")
+    pointer = {"repo_id": "someone/sam-med3d", "filename": "ckpt/official.pth", "revision": commit,
                "sha256": file_sha256(checkpoint)}
     folder = B.save_bundle(moe, tmp_path / "pointer_bundle", base_pointer=pointer)
-    requests = []
 
-    def fake_download(repo_id, filename, *, revision=None, sha256=None, progress=None, cancel=None, **_):
-        requests.append((repo_id, filename, revision, sha256))
-        return checkpoint
-
-    monkeypatch.setattr(hub, "download_file", fake_download)
     loaded = B.load_bundle(folder)
-    assert requests == [("someone/sam-med3d", "ckpt/official.pth", "v1", pointer["sha256"])]
     assert torch.equal(_predict(loaded).logits, _predict(moe).logits)
+    fetched = hub_server.gets("ckpt/official.pth")
+    assert len(fetched) == 1 and fetched[0].bytes_sent == checkpoint.stat().st_size
+    cached = hub.cached_file("someone/sam-med3d", "ckpt/official.pth", revision=commit)
+    assert cached is not None and file_sha256(cached) == pointer["sha256"]
 
     _edit_config(folder, _set(["base", "hub", "sha256"], "0" * 64))
-    with pytest.raises(SAMMed3DError, match="corrupt or was edited"):
+    with pytest.raises(DownloadError, match="SHA-256"):
+        B.load_bundle(folder)
+    _edit_config(folder, _set(["base", "hub"], {**pointer, "filename": "ckpt/missing.pth"}))
+    with pytest.raises(DownloadError, match="missing.pth"):
         B.load_bundle(folder)
 
 
@@ -436,7 +254,7 @@ def test_add_then_remove_an_expert_on_disk(bundle):
 
     added = B.load_bundle(folder)
     assert added.expert_info["liver"] == ExpertInfo("liver", ["liver", "liver tumor"], "CT", "fine-tuned on a liver set")
-    _assert_same_state(decoder.state_dict(), added.experts["liver"].state_dict())
+    assert_same_state(decoder.state_dict(), added.experts["liver"].state_dict())
     for name, logits in before.items():  # old results unchanged: the new gate output is never chosen
         assert torch.equal(_predict(added, expert=name).logits, logits), name
     assert "liver" not in _predict(added).decoders
@@ -470,7 +288,7 @@ def test_add_expert_from_files_and_refusals(bundle, tmp_path):
     B.add_expert_to_bundle(folder, "spleen", tmp_path / "spleen.safetensors", targets="spleen", modality="MR")
     loaded = B.load_bundle(folder)
     assert loaded.expert_info["spleen"].targets == ["spleen"]
-    _assert_same_state(decoder.state_dict(), loaded.experts["spleen"].state_dict())
+    assert_same_state(decoder.state_dict(), loaded.experts["spleen"].state_dict())
 
     torch.save(moe.base.state_dict(), tmp_path / "whole.pth")
     with pytest.raises(SAMMed3DError, match="whole model"):
@@ -528,7 +346,7 @@ def test_bundle_without_gate_or_experts_and_load_model_of_a_file(tmp_path):
     assert not (folder / "experts").exists() and not (folder / "gate.safetensors").exists()
     loaded = B.load_bundle(folder)
     assert loaded.expert_names == [] and loaded.gate is None and not loaded.base.box_prompts
-    _assert_same_state(base.state_dict(), loaded.base.state_dict())
+    assert_same_state(base.state_dict(), loaded.base.state_dict())
     with pytest.raises(SAMMed3DError, match="already holds a bundle"):
         B.convert_checkpoint(tmp_path / "base.pth", folder, **TINY)
     B.convert_checkpoint(tmp_path / "base.pth", folder, overwrite=True, **TINY)
@@ -569,11 +387,11 @@ def test_full_size_official_checkpoint_and_bundle(tmp_path):
 
     model = C.load_checkpoint(path)
     assert not model.box_prompts and model.config["encoder_depth"] == 12
-    _assert_same_state(sd, model.state_dict())
+    assert_same_state(sd, model.state_dict())
     del model
 
     folder = B.convert_checkpoint(path, tmp_path / "bundle")
     assert B.read_bundle_config(folder)["base"]["model_config"]["img_size"] == 128
     moe = B.load_bundle(folder)
     assert moe.expert_names == [] and moe.gate is None
-    _assert_same_state(sd, moe.base.state_dict())
+    assert_same_state(sd, moe.base.state_dict())
