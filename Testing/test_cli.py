@@ -84,17 +84,30 @@ def red_pixels(image: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # The entry point as a real process
 # --------------------------------------------------------------------------------------------
+def _this_checkout_env() -> dict:
+    """The environment for a subprocess that must import this checkout's package (not another
+    installed copy), run from another folder."""
+    import os
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+
+
 def test_module_entry_point_help_and_bad_input_exit_code(tmp_path):
     help_run = subprocess.run([sys.executable, "-m", "SAMMed3DMoELib", "--help"], capture_output=True, text=True,
-                              cwd=tmp_path, timeout=120)
+                              cwd=tmp_path, timeout=120, env=_this_checkout_env())
     assert help_run.returncode == 0, help_run.stderr
     for command in ("segment", "download", "convert", "info", "catalog"):
         assert command in help_run.stdout
+    status_lines = {" ".join(line.split()[:2]) for line in help_run.stdout.splitlines()}
+    for code, meaning in [("0", "success"), ("2", "bad"), ("3", "a"), ("4", "out"), ("5", "declined:"),
+                          ("130", "interrupted")]:
+        assert f"{code} {meaning}" in status_lines, f"exit status {code} is not documented in --help"
 
     bad = subprocess.run(
         [sys.executable, "-m", "SAMMed3DMoELib", "segment", "no_such_scan.nii.gz", "--model", "x",
          "--point", "1,2,3", "--out", "mask.nii.gz"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True, text=True, cwd=tmp_path, timeout=120, env=_this_checkout_env(),
     )
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
@@ -581,10 +594,11 @@ def test_large_download_asks_first_on_a_terminal(capsys, tmp_path, models, hub_s
     catalog, data = _serve(hub_server, tmp_path, models)
     monkeypatch.setattr(cli_models, "LARGE_DOWNLOAD_BYTES", 1000)
 
-    monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))
+    monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))  # a stand-in for a person at a terminal
     code, out, err = run(capsys, "download", "tiny-ckpt", "--catalog", catalog)
-    assert code == 130 and out == ""
-    assert "Download it now?" in err and f"{len(data) / 1e6:.1f} MB" in err and "declined" in err
+    assert code == 5 and out == ""  # declined consent: its own exit status, not 130
+    assert "Download it now?" in err and f"{len(data) / 1e6:.1f} MB" in err
+    assert "[y/N] declined: download of catalog model 'tiny-ckpt'" in err and "Traceback" not in err
     assert hub.cached_file("test-org/models", "tiny.pth") is None
     assert not hub_server.gets("tiny.pth"), "nothing may be downloaded before the user agrees"
 
@@ -644,3 +658,93 @@ def test_demo_clicks_the_organ_and_reports_dice(capsys, tmp_path, data_dir):
     assert (tmp_path / "spleen_preview.png").stat().st_size > 10_000
     assert cli.main(["demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     assert "sample data file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Exit statuses a script can act on (2 is covered by test_bad_input_exits_2_with_one_line)
+# --------------------------------------------------------------------------------------------
+def _one_error_line(err: str, prefix: str = "error: ") -> str:
+    """The one error line, the last on stderr (notes such as 'downloading ...' may come before it)."""
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith(prefix)] == lines[-1:], err
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def test_download_failures_exit_3(capsys, tmp_path, models, hub_server, monkeypatch):
+    """Real HTTP against the local Hub stand-in: not on the Hub, a wrong checksum, offline mode and
+    no network each exit 3 with one line, and leave nothing in the cache."""
+    catalog, data = _serve(hub_server, tmp_path, models)
+
+    code, _, err = run(capsys, "download", "test-org/models/missing.pth")
+    assert code == 3 and "missing.pth" in _one_error_line(err)
+
+    bad = json.loads(catalog.read_text())
+    bad["models"][0]["sha256"] = "0" * 64
+    wrong_sha = tmp_path / "wrong-sha.json"
+    wrong_sha.write_text(json.dumps(bad))
+    code, _, err = run(capsys, "download", "tiny-ckpt", "--catalog", wrong_sha, "--yes")
+    assert code == 3 and "SHA-256" in _one_error_line(err)
+    assert hub.cached_file("test-org/models", "tiny.pth") is None
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(capsys, "download", "tiny-ckpt", "--catalog", catalog)
+    assert code == 3 and "Offline mode is on" in _one_error_line(err)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    hub_server.stop()  # the network is gone
+    code, _, err = run(capsys, "download", "tiny-ckpt", "--catalog", catalog, "--yes")
+    assert code == 3 and "Cannot reach" in _one_error_line(err)
+    assert hub.cached_file("test-org/models", "tiny.pth") is None
+
+
+def test_out_of_memory_exits_4(capsys, tmp_path, ct_path, models):
+    """Fault injection into a real run: the CLI segments with a real tiny bundle from disk, and a
+    forward pre-hook registered with PyTorch raises a real torch.OutOfMemoryError when the image
+    encoder runs (no machine here can run out of GPU memory on purpose)."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    from SAMMed3DMoELib.model.image_encoder import ImageEncoderViT3D
+
+    def exhaust(module, inputs):
+        if isinstance(module, ImageEncoderViT3D):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+
+    handle = register_module_forward_pre_hook(exhaust)
+    try:
+        code, out, err = run(capsys, *segment_args(ct_path, models["random"], tmp_path / "m.nii.gz",
+                                                   "--point-ijk", "60,50,15", "--max-windows", "1"))
+    finally:
+        handle.remove()
+    assert code == 4 and out == ""
+    assert "memory" in _one_error_line(err)
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_memory_error_outside_the_model_exits_4(capsys, monkeypatch):
+    """Python's MemoryError escaping a command (here from the catalog reader, a fault injected into
+    json, which the CLI does not own) is reported as out of memory too."""
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(json, "loads", no_memory)
+    code, _, err = run(capsys, "catalog")
+    assert code == 4 and "out of memory" in _one_error_line(err)
+
+
+def test_checkpoint_that_carries_code_exits_2_naming_it(capsys, tmp_path, ct_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (eval, (f"open({str(marker)!r}, 'w').close()",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model_state_dict": {"w": torch.zeros(1)}, "hook": Payload()}, evil)
+    for argv in (segment_args(ct_path, evil, tmp_path / "o.nii.gz", "--point-ijk", "60,50,15"), ["info", evil]):
+        code, out, err = run(capsys, *argv)
+        line = _one_error_line(err)
+        assert code == 2 and out == ""
+        assert "evil.pth carries code" in line and "builtins.eval" in line and "nothing in it ran" in line
+        assert "weights_only" not in line and "damaged" not in line and "again" not in line
+    assert not marker.exists()

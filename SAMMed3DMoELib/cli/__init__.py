@@ -8,10 +8,18 @@ Subcommands::
     sammed3d-moe info MODEL_OR_BUNDLE [--json]
     sammed3d-moe catalog [--json]
 
-Exit status: 0 success; 2 bad input (any :class:`~SAMMed3DMoELib.errors.SAMMed3DError`, bad
-arguments included), reported as ONE line ``error: <message>`` on stderr; 130 when interrupted
-(Ctrl-C) or cancelled (a declined download); 1 for an unexpected failure (one line, or the full
-traceback with ``--debug``).
+Exit status (also in ``--help`` and the README), each with ONE line on stderr (a traceback only
+with ``--debug``)::
+
+    0    success
+    1    unexpected failure (a bug: run again with --debug and report the traceback)
+    2    bad input: a file, an argument, a prompt or a model that cannot be used; a checkpoint
+         that carries code
+    3    a download failed or was refused: no network, offline mode, not on the Hub, access
+         refused, checksum mismatch
+    4    out of memory (the GPU or the CPU)
+    5    the user declined (a download asked for consent)
+    130  interrupted (Ctrl-C) or cancelled
 
 Coordinates are RAS millimetres (the convention of 3D Slicer and nibabel: the coordinates grow
 toward the patient's right, anterior and superior; ITK and DICOM use LPS, with the first two
@@ -28,7 +36,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from ..errors import CancelledError, SAMMed3DError
+from ..errors import CancelledError, ConsentDeclined, OutOfMemoryError, SAMMed3DError
 from .console import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -60,21 +68,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             return int(args.func(args) or EXIT_OK)
         except CancelledError as exc:
-            _err(f"cancelled: {_one_line(exc)}")
-            return EXIT_INTERRUPTED
+            return _report(exc, "cancelled", debug)
+        except ConsentDeclined as exc:
+            return _report(exc, "declined", debug)
         except SAMMed3DError as exc:
-            if debug:
-                import traceback
-
-                traceback.print_exc(file=sys.stderr)
-            _err(f"error: {_one_line(exc)}")
-            return EXIT_BAD_INPUT
+            if _out_of_memory(exc) and not isinstance(exc, OutOfMemoryError):
+                exc = OutOfMemoryError(str(exc))
+            return _report(exc, "error", debug)
         except KeyboardInterrupt:
             _err("interrupted")
             return EXIT_INTERRUPTED
         except Exception as exc:
+            if _out_of_memory(exc):
+                return _report(OutOfMemoryError(
+                    f"out of memory ({_one_line(exc)}); use --device cpu, close other programs, or segment a "
+                    "smaller region (fewer --max-windows)"), "error", debug)
             if debug:
                 raise
             _err(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)")
             return EXIT_FAILURE
 
+
+def _report(exc: SAMMed3DError, label: str, debug: bool) -> int:
+    """One line ``label: message`` on stderr (after the traceback with --debug); the class's exit status."""
+    if debug:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+    _err(f"{label}: {_one_line(exc)}")
+    return int(exc.exit_code)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """True when ``exc`` or what it was raised from is a memory error (PyTorch's OutOfMemoryError,
+    which covers CUDA, or Python's MemoryError), however it was wrapped on the way out."""
+    torch = sys.modules.get("torch")  # loaded by any command that ran a model
+    torch_oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (MemoryError, OutOfMemoryError)) or (torch_oom is not None and isinstance(exc, torch_oom)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

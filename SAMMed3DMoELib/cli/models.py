@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 from .. import model_info
 from ..catalog import load_catalog, remote_target
-from ..errors import CancelledError, SAMMed3DError
+from ..errors import ConsentDeclined, SAMMed3DError
 from .console import EXIT_OK, _err, _format_bytes, _out, _Stages, _stdin_is_terminal
 
 LARGE_DOWNLOAD_BYTES = 20 * 2**20
@@ -41,7 +41,7 @@ def _remote_target(spec: str, catalog: Optional[dict]) -> Optional[Tuple[str, Op
 
 def _confirm_download(repo_id: str, filename: Optional[str], revision: Optional[str], what: str, args) -> None:
     """If the file (or bundle repo) is not cached yet: show its size and, on a terminal without
-    --yes, ask before a large download. Raises CancelledError when the user declines."""
+    --yes, ask before a large download. Raises ConsentDeclined when the user declines."""
     from .. import hub
 
     size: Optional[int] = None
@@ -66,8 +66,8 @@ def _confirm_download(repo_id: str, filename: Optional[str], revision: Optional[
     sys.stderr.flush()
     answer = sys.stdin.readline()
     if answer.strip().lower() not in ("y", "yes"):
-        raise CancelledError(f"download of {what} declined; nothing was downloaded (pass --yes to download "
-                             "without asking)")
+        raise ConsentDeclined(f"download of {what} declined; nothing was downloaded (pass --yes to download "
+                              "without asking)")
 
 
 def _resolve(spec: str, args) -> Path:

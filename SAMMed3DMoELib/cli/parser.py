@@ -17,6 +17,17 @@ from .segment import cmd_segment
 
 PROG = "sammed3d-moe"
 
+EXIT_STATUS_HELP = """exit status (one line on stderr; the traceback only with --debug):
+  0    success
+  1    unexpected failure (a bug: run again with --debug and report the traceback)
+  2    bad input: a file, an argument, a prompt or a model that cannot be used,
+       or a checkpoint that carries code
+  3    a download failed or was refused: no network, offline mode (HF_HUB_OFFLINE),
+       not on the Hub, access refused, checksum mismatch
+  4    out of memory (GPU or CPU)
+  5    declined: the user answered no when asked before a download
+  130  interrupted (Ctrl-C) or cancelled"""
+
 _COORDINATE_OPTIONS = ("--point", "--negative", "--point-ijk", "--negative-ijk", "--box")
 _NUMBER_SPLIT = re.compile(r"[,;\s]+")
 
@@ -135,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, allow_abbrev=False,
         description="SAM-Med3D-MoE: interactive 3D medical image segmentation from points or a box.",
-        epilog="Exit status: 0 ok, 2 bad input, 130 interrupted/cancelled, 1 unexpected failure.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", default=False,
