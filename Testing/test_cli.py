@@ -147,6 +147,40 @@ def test_segment_writes_the_mask_on_exactly_the_input_grid(capsys, tmp_path, ct_
     assert summary["output"] == str(out.resolve())
 
 
+def test_seg_nrrd_opens_in_slicer_and_slicerio(capsys, tmp_path, ct_path, models):
+    """The .seg.nrrd the CLI writes (through slicerio) is read back by slicerio and by 3D Slicer's
+    own segmentation reader (vtkMRMLSegmentationStorageNode from the slicer-core wheel): one
+    segment with its name, the same voxels, on the image's grid."""
+    import slicer
+    import slicerio
+
+    out = tmp_path / "liver.seg.nrrd"
+    summary = run_json(capsys, *segment_args(ct_path, models["const"], out, "--point-ijk", "60,50,15",
+                                             "--expert", "expert1", "--max-windows", "1", "--name", "Liver"))
+    assert summary["voxels"] > 0
+
+    segmentation = slicerio.read_segmentation(str(out))
+    (segment,) = segmentation["segments"]
+    assert segment["name"] == "Liver"
+    voxels = slicerio.extract_segments(segmentation, [("Liver", 1)])["voxels"]  # [i, j, k]
+    assert int(np.count_nonzero(voxels)) == summary["voxels"]
+    image = sitk.ReadImage(str(ct_path))
+    lps = np.asarray(segmentation["ijkToLPS"])
+    assert np.allclose(lps[:3, 3], image.GetOrigin(), atol=1e-4)
+    assert np.allclose(np.linalg.norm(lps[:3, :3], axis=0), image.GetSpacing())
+
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(out))
+    assert storage.ReadData(node) == 1
+    read = node.GetSegmentation()
+    assert read.GetNumberOfSegments() == 1 and read.GetNthSegment(0).GetName() == "Liver"
+    labelmap = read.GetNthSegment(0).GetRepresentation("Binary labelmap")
+    extent = labelmap.GetExtent()
+    assert list(extent) == [v for pair in summary["bbox_ijk"] for v in pair]
+
+
 def test_ras_and_ijk_prompts_agree_and_keep_their_order(capsys, tmp_path, ct_path, models):
     a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
     negative = (70, 48, 15)
