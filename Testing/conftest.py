@@ -11,6 +11,8 @@ import pytest
 TESTING_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTING_DIR))  # reference_weights, hub_server, ...
 
+from hub_server import hub_server  # noqa: E402,F401  (the fixture, for every test file here)
+
 REPO_DIR = TESTING_DIR.parent
 DATA_DIR = REPO_DIR / "Resources" / "SampleData" / "totalsegmentator-example"
 

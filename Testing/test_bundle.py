@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hub_server import hub_server  # noqa: F401  (pytest fixture)
 from reference_weights import assert_same_state, reference_state_dict
 from SAMMed3DMoELib import bundle as B
 from SAMMed3DMoELib import checkpoint as C

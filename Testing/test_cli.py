@@ -15,7 +15,6 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from hub_server import hub_server  # noqa: F401  (pytest fixture)
 from SAMMed3DMoELib import bundle, catalog, cli, hub, preview
 from SAMMed3DMoELib.cli import models as cli_models
 from SAMMed3DMoELib.geometry import Volume

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from hub_server import hub_server  # noqa: F401  (pytest fixture)
 from SAMMed3DMoELib import hub
 from SAMMed3DMoELib import catalog as model_catalog
 from SAMMed3DMoELib.errors import CancelledError, DownloadError, SAMMed3DError
