@@ -422,3 +422,15 @@ def test_resolve_local_paths(tmp_path, monkeypatch):
 ])
 def test_remote_target_says_what_would_be_fetched(spec, expected):
     assert model_catalog.remote_target(spec, catalog={}) == expected
+
+
+def test_downloads_never_import_torch():
+    """A GUI downloads a model before (or without) loading it: hub.py must not pull in torch."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    code = "import sys, SAMMed3DMoELib.hub, SAMMed3DMoELib.catalog; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
