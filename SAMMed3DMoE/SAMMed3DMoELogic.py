@@ -46,6 +46,7 @@ SEGMENT_EDITOR_SINGLETON_TAG = "SegmentEditor"
 """The Segment Editor module's parameter node, shared so that its masking settings apply here."""
 
 AUTO, GENERAL = "auto", "general"
+POSITIVE_COLOUR, NEGATIVE_COLOUR, BOX_COLOUR = (0.2, 0.8, 0.3), (0.9, 0.2, 0.2), (1.0, 0.85, 0.1)
 DEVICES = ("auto", "cuda", "mps", "cpu")
 
 CPU_WARNING = (
@@ -534,6 +535,7 @@ class _Request:
     volume_key: tuple
     target: Target
     markups: MarkupsSnapshot
+    signature: tuple
 
 
 @dataclass
@@ -583,6 +585,7 @@ class SAMMed3DMoELogic:
         self._pending: Optional[_Request] = None
         self._written: Dict[tuple, Optional[Extent]] = {}
         self._applied_markups: Dict[tuple, MarkupsSnapshot] = {}
+        self._applied_signature: Dict[tuple, tuple] = {}  # what produced the segment's current result
         self._undo: List[_UndoEntry] = []
         self._redo: List[_UndoEntry] = []
         self.max_undo = int(max_undo)
@@ -687,6 +690,7 @@ class SAMMed3DMoELogic:
         for key in [k for k in self._written if k[0] == node_id]:
             self._written.pop(key, None)
             self._applied_markups.pop(key, None)
+            self._applied_signature.pop(key, None)
         if self._pending is not None and self._pending.target.segmentation is node:
             self.cancel()
 
@@ -694,11 +698,28 @@ class SAMMed3DMoELogic:
         self.release_sessions()
         self._written.clear()
         self._applied_markups.clear()
+        self._applied_signature.clear()
         self._undo.clear()
         self._redo.clear()
         self._editor_segmentation = None
 
-    # ----------------------------------------------------------------- targets
+    # ----------------------------------------------------------------- targets and prompts
+    def create_prompt_nodes(self) -> PromptNodes:
+        """Markups nodes for the prompts: positive points (green), negative points (red), box (yellow)."""
+        nodes = []
+        for cls, name, colour in (
+                ("vtkMRMLMarkupsFiducialNode", "SAM positive", POSITIVE_COLOUR),
+                ("vtkMRMLMarkupsFiducialNode", "SAM negative", NEGATIVE_COLOUR),
+                ("vtkMRMLMarkupsROINode", "SAM box", BOX_COLOUR)):
+            node = self.scene.AddNewNodeByClass(cls, self.scene.GenerateUniqueName(name))
+            node.CreateDefaultDisplayNodes()
+            display = node.GetDisplayNode()
+            display.SetSelectedColor(*colour)
+            display.SetColor(*colour)
+            node.SetControlPointLabelFormat("+%d" if colour == POSITIVE_COLOUR else "-%d" if colour == NEGATIVE_COLOUR else "box")
+            nodes.append(node)
+        return PromptNodes(*nodes)
+
     def new_target(self, volume_node, segmentation_node=None, name: str = "") -> Target:
         """A new empty segment (in ``segmentation_node``, or in a new segmentation made for the
         volume: same parent transform, the volume's grid as reference geometry)."""
@@ -713,20 +734,27 @@ class SAMMed3DMoELogic:
         return Target(segmentation_node, segment_id)
 
     # ----------------------------------------------------------------- predictions
-    def request(self, volume_node, target: Target, prompt_nodes: PromptNodes) -> int:
+    def request(self, volume_node, target: Target, prompt_nodes: PromptNodes) -> Optional[int]:
         """Segment the current prompts in the background; returns the request id. A newer
-        request supersedes this one. Call :meth:`poll` to write the result when it is ready."""
+        request supersedes this one. Call :meth:`poll` to write the result when it is ready.
+        Returns None (and does nothing) when neither the prompts, the volume nor the settings
+        changed since the result now in the segment (Markups events repeat)."""
         if self.model is None:
             raise _error("No model is loaded. Choose a model and press 'Load model' first.")
         self._check_target(target)
         prompts = prompt_nodes.prompts()
         entry = self._session_entry(volume_node)
+        signature = (prompts, entry.key, id(self.model), self.device, self.max_windows, self.expert, self.tau)
+        if self._pending is not None and self._pending.signature == signature and self._pending.target.key == target.key:
+            return self._pending.request_id
+        if self._pending is None and self._applied_signature.get(target.key) == signature:
+            return None
         self._request_counter += 1
         job = functools.partial(_predict_job, entry, self.model, prompts, self.device, self.max_windows,
                                 self.expert, self.tau)
         future = self.worker.submit(job, key="predict", pass_cancel=True)
         self._pending = _Request(self._request_counter, future, volume_node.GetID(), entry.key, target,
-                                 prompt_nodes.snapshot())
+                                 prompt_nodes.snapshot(), signature)
         return self._request_counter
 
     @property
@@ -769,6 +797,7 @@ class SAMMed3DMoELogic:
             self._apply(volume_node, pending.target, outcome, pending.markups)
         except Exception as exc:  # a clear message for the GUI, never a half-written state
             return PollResult("error", str(exc), outcome)
+        self._applied_signature[pending.target.key] = pending.signature
         return PollResult("applied", outcome.info, outcome, outcome.notes)
 
     def wait(self, timeout: Optional[float] = None) -> PollResult:
@@ -921,6 +950,7 @@ class SAMMed3DMoELogic:
         self._redo.append(entry)
         self._written[entry.target_key] = entry.written_before
         self._applied_markups[entry.target_key] = entry.markups_before
+        self._applied_signature.pop(entry.target_key, None)
         prompt_nodes.restore(entry.markups_before)
         return True
 
@@ -939,6 +969,7 @@ class SAMMed3DMoELogic:
         self._undo.append(entry)
         self._written[entry.target_key] = entry.written_after
         self._applied_markups[entry.target_key] = entry.markups_after
+        self._applied_signature.pop(entry.target_key, None)
         prompt_nodes.restore(entry.markups_after)
         return True
 
@@ -952,6 +983,7 @@ class SAMMed3DMoELogic:
         written, wrote = self.write_mask(volume_node, target, None)
         self._push_undo(_UndoEntry(target.key, markups_before, MarkupsSnapshot(), before, written, wrote))
         self._applied_markups[target.key] = MarkupsSnapshot()
+        self._applied_signature.pop(target.key, None)
 
     def next_segment(self, volume_node, target: Target, prompt_nodes: PromptNodes, accept: bool = True) -> Target:
         """Start a new segment with fresh prompts ("accept and next" when ``accept``: the current
@@ -964,6 +996,7 @@ class SAMMed3DMoELogic:
         prompt_nodes.clear()
         self._written.pop(target.key, None)
         self._applied_markups.pop(target.key, None)
+        self._applied_signature.pop(target.key, None)
         self._undo.clear()
         self._redo.clear()
         entry = self._sessions.get(volume_node.GetID())

@@ -335,6 +335,9 @@ def test_shrinking_result_clears_its_stale_voxels(ct, box_model):
     nodes = L.PromptNodes(box=roi)
     logic.segment(volume, target, nodes, timeout=60)
     big = segment_mask_kji(target.segmentation, target.segment_id, volume)
+    undo_steps = len(logic._undo)
+    assert logic.request(volume, target, nodes) is None  # nothing changed (Markups events repeat): no work
+    assert logic.poll().state == "idle" and len(logic._undo) == undo_steps
     set_roi(roi, centre - (30, 30, 10), centre - (2, 2, -10))  # smaller, off-centre
     logic.segment(volume, target, nodes, timeout=60)
     small = segment_mask_kji(target.segmentation, target.segment_id, volume)
