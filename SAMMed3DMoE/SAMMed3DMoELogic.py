@@ -525,6 +525,7 @@ class _SessionEntry:
     key: tuple
     volume: object  # engine Volume (a copy of the voxels), until the worker opens the session
     adapter: Optional[EngineSession] = None
+    target_key: Optional[tuple] = None  # the segment the session's prompts belong to
 
 
 @dataclass
@@ -750,8 +751,10 @@ class SAMMed3DMoELogic:
         if self._pending is None and self._applied_signature.get(target.key) == signature:
             return None
         self._request_counter += 1
+        new_segment = entry.target_key is not None and entry.target_key != target.key
+        entry.target_key = target.key
         job = functools.partial(_predict_job, entry, self.model, prompts, self.device, self.max_windows,
-                                self.expert, self.tau)
+                                self.expert, self.tau, new_segment)
         future = self.worker.submit(job, key="predict", pass_cancel=True)
         self._pending = _Request(self._request_counter, future, volume_node.GetID(), entry.key, target,
                                  prompt_nodes.snapshot(), signature)
@@ -999,10 +1002,7 @@ class SAMMed3DMoELogic:
         self._applied_signature.pop(target.key, None)
         self._undo.clear()
         self._redo.clear()
-        entry = self._sessions.get(volume_node.GetID())
-        if entry is not None and entry.adapter is not None:
-            self.worker.submit(entry.adapter.new_segment)
-        return self.new_target(volume_node, target.segmentation)
+        return self.new_target(volume_node, target.segmentation)  # its first request starts the session afresh
 
     def show_in_3d(self, segmentation_node, show: bool) -> None:
         """Show (build) or hide the segmentation's closed-surface representation in 3D views."""
@@ -1018,11 +1018,14 @@ def _clip_extent(extent: Extent, dims: Sequence[int]) -> Extent:
 
 
 def _predict_job(entry: _SessionEntry, model, prompts: Prompts, device: str, max_windows: int, expert: str,
-                 tau: Optional[float], cancel: Optional[threading.Event] = None) -> Outcome:
-    """Runs on the worker thread: open the volume's session (first time), sync the prompts, predict."""
+                 tau: Optional[float], new_segment: bool, cancel: Optional[threading.Event] = None) -> Outcome:
+    """Runs on the worker thread: open the volume's session (first time), start afresh when the
+    prompts are for another segment than last time, sync the prompts, predict."""
     if entry.adapter is None:
         entry.adapter = EngineSession(entry.volume, model, device=device, max_windows=max_windows)
     adapter = entry.adapter
+    if new_segment:
+        adapter.new_segment()
     adapter.configure(expert, tau)
     adapter.sync(prompts)
     if prompts.empty:

@@ -455,6 +455,17 @@ def test_accept_and_next_keeps_the_segment_and_starts_fresh(liver_scene):
                                   s["window"])
 
 
+def test_the_same_prompts_sent_to_another_segment_leave_the_first_as_it_is(liver_scene):
+    s = liver_scene
+    logic = s["logic"]
+    _editor(s).SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+    logic.segment(s["volume"], s["target"], s["nodes"], timeout=60)
+    other = logic.new_target(s["volume"], s["target"].segmentation)
+    assert logic.segment(s["volume"], other, s["nodes"], timeout=60).state == "applied"
+    for target in (s["target"], other):
+        np.testing.assert_array_equal(segment_mask_kji(target.segmentation, target.segment_id, s["volume"]), s["window"])
+
+
 def test_only_negative_points_and_no_model_give_clear_messages(ct, random_model):
     array, affine, _ = ct
     scene = new_scene()
