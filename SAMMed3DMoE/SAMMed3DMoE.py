@@ -782,44 +782,6 @@ class SAMMed3DMoETest(ScriptedLoadableModuleTest):
 
         if importlib.util.find_spec("torch") is None:
             self.skipTest("PyTorch is not installed: the module installs it on first use, with consent")
-        import numpy as np
-        import torch
+        import SAMMed3DMoESelfTest
 
-        from SAMMed3DMoELib.model import build_sam_med3d
-        from SAMMed3DMoELib.moe import SamMed3DMoE
-
-        self.delayDisplay("Synthetic volume: a bright sphere in noise")
-        rng = np.random.default_rng(0)
-        zz, yy, xx = np.mgrid[:48, :48, :48]
-        sphere = (xx - 24) ** 2 + (yy - 24) ** 2 + (zz - 24) ** 2 < 10 ** 2
-        voxels = (rng.normal(0, 20, sphere.shape) + 300 * sphere).astype(np.int16)
-        volume = slicer.util.addVolumeFromArray(voxels, name="sphere")
-        volume.SetSpacing(2.0, 2.0, 2.0)
-
-        torch.manual_seed(0)
-        tiny = build_sam_med3d(img_size=64, patch_size=16, encoder_embed_dim=48, encoder_depth=2,
-                               encoder_num_heads=4, encoder_global_attn_indexes=(1,), window_size=6,
-                               prompt_embed_dim=48, decoder_mlp_dim=64, iou_head_hidden_dim=32)
-        logic = SAMMed3DMoELogic(slicer.mrmlScene)
-        logic.set_model(SamMed3DMoE(tiny).eval(), "tiny random weights")
-        logic.device = "cpu"
-        logic.max_windows = 1
-        nodes = logic.create_prompt_nodes()
-        target = logic.new_target(volume)
-        matrix = vtk.vtkMatrix4x4()
-        volume.GetIJKToRASMatrix(matrix)
-        ras = matrix.MultiplyPoint((24, 24, 24, 1))[:3]  # the sphere's centre
-        nodes.positive.AddControlPoint(*ras)
-
-        self.delayDisplay("Segmenting one click (tiny random-weight model)")
-        result = logic.segment(volume, target, nodes, timeout=120)
-        self.assertEqual(result.state, "applied", result.message)
-        written = slicer.util.arrayFromSegmentBinaryLabelmap(target.segmentation, target.segment_id, volume)
-        self.assertTrue(written.any(), "the click wrote nothing")
-
-        self.delayDisplay("One undo restores the empty segment and the prompts")
-        self.assertTrue(logic.undo(nodes))
-        self.assertFalse(slicer.util.arrayFromSegmentBinaryLabelmap(target.segmentation, target.segment_id, volume).any())
-        self.assertEqual(nodes.positive.GetNumberOfControlPoints(), 0)
-        logic.cleanup()
-        self.delayDisplay("Test passed")
+        SAMMed3DMoESelfTest.run(slicer.mrmlScene, log=self.delayDisplay)

@@ -483,6 +483,34 @@ def test_only_negative_points_and_no_model_give_clear_messages(ct, random_model)
     logic.cleanup()
 
 
+def test_the_modules_self_test_scenario_passes_on_real_mrml():
+    """The scenario Slicer's ScriptedLoadableModuleTest runs (SAMMed3DMoESelfTest.run), here on a
+    slicer-core scene instead of slicer.mrmlScene."""
+    import SAMMed3DMoESelfTest
+
+    messages = []
+    SAMMed3DMoESelfTest.run(new_scene(), log=messages.append)
+    assert messages[-1] == "Self-test passed"
+
+
+def test_a_model_loads_from_a_bundle_folder_onto_the_chosen_device(ct, tmp_path):
+    from SAMMed3DMoELib.bundle import save_bundle
+
+    save_bundle(tiny_moe(seed=5), tmp_path / "bundle")
+    array, affine, labels = ct
+    scene = new_scene()
+    volume = add_volume(scene, array, affine)
+    logic = L.SAMMed3DMoELogic(scene)
+    model = logic.load_model(str(tmp_path / "bundle"), device="cpu")
+    logic.set_model(model, "bundle")
+    assert logic.expert_choices() == ["auto", "general", "expert1", "expert2"]
+    logic.device, logic.max_windows = "cpu", 1
+    nodes = L.PromptNodes(positive=add_points(scene, "P", [(affine @ np.append(np.round(_centroid(labels == LIVER)), 1))[:3]]))
+    result = logic.segment(volume, logic.new_target(volume), nodes, timeout=60)
+    assert result.state == "applied" and result.outcome.info.startswith("Expert: ")
+    logic.cleanup()
+
+
 def test_info_line_names_the_expert_and_its_confidence():
     text, confidence = L.describe_decoders(["general", "liver"], {"general": 0.3, "liver": 0.7},
                                            {"general": 0.2, "liver": 0.8})

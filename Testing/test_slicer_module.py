@@ -135,12 +135,13 @@ def test_module_file_imports_no_engine_or_torch_at_load_time(module_tree):
         elif isinstance(node, ast.ImportFrom):
             top.append(node.module)
     assert not [n for n in top if n.startswith(("torch", "SAMMed3DMoELib"))], top
-    logic_tree = ast.parse((MODULE_DIR / "SAMMed3DMoELogic.py").read_text(encoding="utf-8"))
-    deps_tree = ast.parse((MODULE_DIR / "SAMMed3DMoEDependencies.py").read_text(encoding="utf-8"))
-    for tree in (logic_tree, deps_tree):
+    for path in MODULE_DIR.glob("*.py"):
+        if path == MODULE_FILE:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         names = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
         names += [n.module for n in tree.body if isinstance(n, ast.ImportFrom)]
-        assert not [n for n in names if n.startswith(("torch", "SAMMed3DMoELib", "qt"))], names
+        assert not [n for n in names if n.startswith(("torch", "SAMMed3DMoELib", "qt", "ctk"))], (path.name, names)
 
 
 def test_extension_cmake_builds_the_module_and_installs_the_engine_beside_it():
