@@ -485,6 +485,35 @@ def segment_on_grid(segmentation_node, segment_id: str, extent: Extent, image_to
     return out
 
 
+def reference_geometry(segmentation_node) -> Optional[np.ndarray]:
+    """The segmentation's labelmap grid (its reference image geometry, IJK to segmentation RAS),
+    or None when it has none yet (the first write then sets it)."""
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    text = segmentation_node.GetSegmentation().GetConversionParameter(name)
+    if not text:
+        return None
+    matrix = vtk.vtkMatrix4x4()
+    extent = [0, -1, 0, -1, 0, -1]
+    if not slicer.vtkSegmentationConverter.DeserializeImageGeometry(text, matrix, extent):
+        return None
+    return _array_from_matrix(matrix)
+
+
+def on_reference_geometry(image, reference: Optional[np.ndarray]):
+    """``image`` on the segmentation's grid (nearest neighbour) when its own grid differs (a
+    segmentation made on another volume, or oversampled), so the Segment Editor's masks, which
+    live on that grid, apply; returns (image, its extent)."""
+    if reference is not None:
+        probe = slicer.vtkOrientedImageData()
+        probe.SetImageToWorldMatrix(_matrix_from_array(reference))
+        if not slicer.vtkOrientedImageDataResample.DoGeometriesMatch(image, probe):
+            resampled = slicer.vtkOrientedImageData()
+            slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceGeometry(
+                image, _matrix_from_array(reference), resampled, False)
+            image = resampled
+    return image, tuple(image.GetExtent())
+
+
 def is_segment_locked(segmentation_node, segment_id: str) -> bool:
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     value = vtk.reference("")
@@ -593,6 +622,7 @@ class SAMMed3DMoELogic:
         self._editor = slicer.vtkSlicerSegmentEditorLogic()
         self._editor.SetMRMLScene(scene)
         self._editor.SetMaximumNumberOfUndoStates(self.max_undo)
+        self._editor.SetVerbose(True)  # a write the editor refuses is logged, not silent
         self._editor_segmentation = None
         self._observers = [
             scene.AddObserver(scene.NodeRemovedEvent, self._on_node_removed),
@@ -728,8 +758,9 @@ class SAMMed3DMoELogic:
             segmentation_node = self.scene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", self.scene.GenerateUniqueName(f"{volume_node.GetName()} segmentation"))
             segmentation_node.CreateDefaultDisplayNodes()
-            segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+            # transform first: the reference geometry is computed in the segmentation's frame
             segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+            segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         segmentation = segmentation_node.GetSegmentation()
         segment_id = segmentation.AddEmptySegment(segmentation.GenerateUniqueSegmentID("Segment"), name or "")
         return Target(segmentation_node, segment_id)
@@ -851,13 +882,12 @@ class SAMMed3DMoELogic:
 
         editor_node = self._prepare_editor(volume_node, segmentation_node, segment_id)
         self._check_mask_segment(editor_node, segmentation_node)
+        reference = reference_geometry(segmentation_node)
         self._editor.SaveStateForUndo()
-        if stale.any():
-            self._editor.ModifySegmentByLabelmap(segmentation_node, segment_id, oriented_image(stale, rewrite, grid),
-                                                 self._editor.ModificationModeRemove, rewrite, True, False)
-        if add.any():
-            self._editor.ModifySegmentByLabelmap(segmentation_node, segment_id, oriented_image(add, rewrite, grid),
-                                                 self._editor.ModificationModeAdd, rewrite, True, False)
+        for mask, mode in ((stale, self._editor.ModificationModeRemove), (add, self._editor.ModificationModeAdd)):
+            if mask.any():
+                image, extent = on_reference_geometry(oriented_image(mask, rewrite, grid), reference)
+                self._editor.ModifySegmentByLabelmap(segmentation_node, segment_id, image, mode, extent, True, False)
         self._written[target.key] = new_extent
         return new_extent, True
 

@@ -2,9 +2,10 @@
 
 ``slicer-core`` gives Slicer's MRML, Markups and Segmentations logic without the application
 (no Qt, no ``slicer.app``, no ``slicer.mrmlScene``). Two gaps are filled here, and only here:
-segmentation converter rules exist only once a ``vtkSlicerSegmentationsModuleLogic`` has been
-created and given the scene (Slicer's application does that at startup), and the module folder
-(``SAMMed3DMoE/``) is put on ``sys.path`` as Slicer does for a scripted module.
+segmentation converter rules and subject hierarchy items exist only once the Segmentations and
+Subject Hierarchy module logics have been created and given the scene and a data node gets its
+hierarchy item when added (Slicer's application and its Qt plugins do that), and the module folder (``SAMMed3DMoE/``) is put on ``sys.path`` as Slicer does
+for a scripted module.
 """
 
 from __future__ import annotations
@@ -24,11 +25,23 @@ from vtk.util import numpy_support  # noqa: E402
 
 
 def new_scene():
-    """A real MRML scene with the Segmentations module logic attached (converter rules)."""
+    """A real MRML scene with the module logics Slicer's application attaches at startup:
+    Subject Hierarchy (items for data nodes) and Segmentations (converter rules)."""
     scene = slicer.vtkMRMLScene()
-    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations_logic.SetMRMLScene(scene)
-    scene._segmentations_logic = segmentations_logic  # keep it alive with the scene
+    logics = [slicer.vtkSlicerSubjectHierarchyModuleLogic(), slicer.vtkSlicerSegmentationsModuleLogic()]
+    for logic in logics:
+        logic.SetMRMLScene(scene)
+    scene._module_logics = logics  # keep them alive with the scene
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def add_item(caller, event, node):
+        # what Slicer's subject hierarchy plugins (Qt) do for every new data node
+        hierarchy = scene.GetSubjectHierarchyNode()
+        if node.IsA("vtkMRMLDisplayableNode") and not node.GetHideFromEditors() and not hierarchy.GetItemByDataNode(node):
+            hierarchy.CreateItem(hierarchy.GetSceneItemID(), node)
+
+    scene.AddObserver(scene.NodeAddedEvent, add_item)
+    scene._add_item = add_item
     return scene
 
 

@@ -19,6 +19,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+import vtk
 
 from slicer_helpers import (
     add_label_segment,
@@ -306,6 +307,43 @@ def test_intensity_mask_is_honoured(liver_scene):
     expected = s["window"] & (hu >= 0) & (hu <= 200)
     assert expected.any() and (s["window"] & ~expected).any()
     np.testing.assert_array_equal(new, expected)
+
+
+def test_segmentation_on_a_finer_grid_gets_the_same_mask(liver_scene):
+    """A segmentation whose labelmap grid is not the volume's (here 2x oversampled, as the
+    Segment Editor's "Specify geometry" makes it): the mask is resampled onto that grid, and the
+    intensity range still applies there."""
+    s = liver_scene
+    array_kji = s["array_kji"]
+    fine = s["scene"].AddNewNodeByClass("vtkMRMLSegmentationNode", "fine")
+    fine.CreateDefaultDisplayNodes()
+    ijk = L.ijk_to_world(s["volume"])
+    fine_ijk = ijk.copy()
+    fine_ijk[:3, :3] /= 2  # half the spacing, same origin: fine voxel 2n is coarse voxel n
+    image = slicer.vtkOrientedImageData()
+    dims = np.array(array_kji.shape[::-1])
+    image.SetExtent(0, 2 * dims[0] - 1, 0, 2 * dims[1] - 1, 0, 2 * dims[2] - 1)
+    image.SetImageToWorldMatrix(L._matrix_from_array(fine_ijk))
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    fine.GetSegmentation().SetConversionParameter(name, slicer.vtkSegmentationConverter.SerializeImageGeometry(image))
+    editor = _editor(s)
+    editor.SetSourceVolumeIntensityMask(True)
+    editor.SetSourceVolumeIntensityMaskRange(0.0, 200.0)
+    target = s["logic"].new_target(s["volume"], fine)
+    assert s["logic"].segment(s["volume"], target, s["nodes"], timeout=60).state == "applied"
+    labelmap = slicer.vtkOrientedImageData()
+    fine.GetBinaryLabelmapRepresentation(target.segment_id, labelmap)
+    assert np.allclose(L._array_from_matrix(_image_to_world(labelmap)), fine_ijk)
+    coarse = L.segment_on_grid(fine, target.segment_id, (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1), ijk)
+    expected = s["window"] & (array_kji >= 0) & (array_kji <= 200)
+    assert expected.any()
+    np.testing.assert_array_equal(coarse.astype(bool), expected)
+
+
+def _image_to_world(image):
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    return matrix
 
 
 def test_locked_segment_is_never_touched_even_with_overwrite_all(liver_scene):
