@@ -456,7 +456,8 @@ class SAMMed3DMoEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancelJob(self) -> None:
         if self._job is not None:
-            self.logic.worker.cancel_all()
+            # a no-op under the same key supersedes the download or load (it stops at its next chunk)
+            self.logic.worker.submit(lambda: None, key="model")
 
     def _pollJob(self) -> None:
         future, what, onDone = self._job

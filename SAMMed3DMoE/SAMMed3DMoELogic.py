@@ -55,6 +55,9 @@ CPU_WARNING = (
     "A CUDA or Apple GPU is much faster."
 )
 
+PREDICT_KEY = "predict"
+"""The worker key of predictions: a newer one supersedes an older one."""
+
 # Working memory a session needs on the GPU beside the weights: the 128^3 window's activations
 # in the ViT-B encoder, the prepared volume and the embedding cache (the engine's budget is
 # 512 MiB). An estimate used to warn before loading, not a limit.
@@ -555,6 +558,7 @@ class _SessionEntry:
     volume: object  # engine Volume (a copy of the voxels), until the worker opens the session
     adapter: Optional[EngineSession] = None
     target_key: Optional[tuple] = None  # the segment the session's prompts belong to
+    closed: bool = False  # released on the main thread; the worker frees it after its running job
 
 
 @dataclass
@@ -689,9 +693,8 @@ class SAMMed3DMoELogic:
         return entry
 
     def _close_entry(self, entry: _SessionEntry) -> None:
-        entry.volume = None
-        if entry.adapter is not None:
-            self.worker.submit(entry.adapter.close)
+        entry.closed = True
+        self.worker.submit(_close_session_job, entry)  # after the job that may be using it
 
     def release_session(self, volume_node_id: str) -> None:
         """Forget the session of one volume node (its memory is freed on the worker thread)."""
@@ -786,7 +789,7 @@ class SAMMed3DMoELogic:
         entry.target_key = target.key
         job = functools.partial(_predict_job, entry, self.model, prompts, self.device, self.max_windows,
                                 self.expert, self.tau, new_segment)
-        future = self.worker.submit(job, key="predict", pass_cancel=True)
+        future = self.worker.submit(job, key=PREDICT_KEY, pass_cancel=True)
         self._pending = _Request(self._request_counter, future, volume_node.GetID(), entry.key, target,
                                  prompt_nodes.snapshot(), signature)
         return self._request_counter
@@ -796,12 +799,12 @@ class SAMMed3DMoELogic:
         return self._pending is not None
 
     def cancel(self) -> None:
-        """Stop the pending prediction; its result will not be written."""
+        """Stop the pending prediction; its result will not be written. (A no-op job under the
+        same worker key supersedes it: a queued one never starts, a running one is asked to stop.
+        Other work on the worker, such as a download, goes on.)"""
         if self._pending is not None:
-            self._pending.future.cancel()
             self._pending = None
-            if self._worker is not None:
-                self._worker.cancel_all()
+            self.worker.submit(_nothing, key=PREDICT_KEY)
 
     def poll(self) -> PollResult:
         """Write the pending result if it is ready (main thread; the Widget calls this from a timer)."""
@@ -1051,6 +1054,10 @@ def _predict_job(entry: _SessionEntry, model, prompts: Prompts, device: str, max
                  tau: Optional[float], new_segment: bool, cancel: Optional[threading.Event] = None) -> Outcome:
     """Runs on the worker thread: open the volume's session (first time), start afresh when the
     prompts are for another segment than last time, sync the prompts, predict."""
+    if entry.closed:
+        from SAMMed3DMoELib.errors import CancelledError
+
+        raise CancelledError("the volume's session was released before this request ran")
     if entry.adapter is None:
         entry.adapter = EngineSession(entry.volume, model, device=device, max_windows=max_windows)
     adapter = entry.adapter
@@ -1063,6 +1070,17 @@ def _predict_job(entry: _SessionEntry, model, prompts: Prompts, device: str, max
     if not prompts.has_object_prompt:
         raise _error("Only negative points are placed. Add a positive point on the object (or a box).")
     return adapter.predict(cancel)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _close_session_job(entry: _SessionEntry) -> None:
+    """Runs on the worker thread: free a released session (GPU memory included)."""
+    if entry.adapter is not None:
+        entry.adapter.close()
+    entry.volume = None
 
 
 def check_device_memory(device: str, model_path) -> None:

@@ -14,6 +14,7 @@ import ast
 import json
 import math
 import sys
+import threading
 import time
 
 import nibabel as nib
@@ -468,6 +469,28 @@ def test_newer_request_supersedes_and_the_main_thread_polls(ct, box_model):
     session = Session(Volume(array, affine), box_model, device="cpu", max_windows=1)
     session.set_box(centre - 10, centre + 10)
     np.testing.assert_array_equal(got, session.predict().full_mask(array.shape).transpose(2, 1, 0))
+    logic.cleanup()
+
+
+def test_cancel_drops_the_prediction_but_not_other_work_on_the_worker(ct, box_model):
+    """Undo, clear or a new segment cancel a pending prediction; a model download running on the
+    same worker thread (the Widget's job) must go on."""
+    array, affine, labels = ct
+    scene = new_scene()
+    volume = add_volume(scene, array, affine)
+    logic = _logic(scene, box_model)
+    target = logic.new_target(volume)
+    gate = threading.Event()
+    download = logic.worker.submit(lambda cancel: "downloaded" if gate.wait(30) and not cancel.is_set() else "stopped",
+                                   key="model", pass_cancel=True)
+    centre = (affine @ np.append(np.round(_centroid(labels == LIVER)), 1))[:3]
+    logic.request(volume, target, L.PromptNodes(positive=add_points(scene, "P", [centre])))
+    logic.cancel()
+    gate.set()
+    assert download.result(timeout=30) == "downloaded"
+    logic.worker.submit(lambda: None).result(timeout=30)
+    assert logic.poll().state == "idle"
+    assert not segment_mask_kji(target.segmentation, target.segment_id, volume).any()
     logic.cleanup()
 
 
