@@ -31,7 +31,7 @@ from typing import Callable, Iterable, List, Optional
 REQUIREMENTS_FILE = Path(__file__).resolve().parent / "Resources" / "requirements.txt"
 PROTECTED_DISTRIBUTIONS = ("numpy", "SimpleITK", "vtk")
 """Shipped with Slicer: pinned to the installed version during every install."""
-TORCH_REQUIREMENT = ">=2.2"
+TORCH_REQUIREMENT = ">=2.6"  # the engine's range (pyproject.toml)
 PENDING_SETTING = "SAMMed3DMoE/PendingDependencyInstall"
 REQUESTER = "SAM-Med3D-MoE"
 

@@ -71,6 +71,7 @@ def test_requirements_are_the_engines_ranges_and_never_what_slicer_ships():
         assert line in declared, f"{line} is not the range pyproject.toml declares"
         name = line.split(">")[0].split("=")[0].split("<")[0].lower()
         assert name not in ("numpy", "simpleitk", "vtk", "torch"), f"{name} must not be installed by pip here"
+    assert f"torch{deps.TORCH_REQUIREMENT}" in declared  # what PyTorchUtils is asked for
 
 
 @pytest.mark.parametrize("logic_class, passed", [
