@@ -201,6 +201,7 @@ class SAMMed3DMoEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self.logic is not None:
             self.logic.cleanup()
+            SAMMed3DMoEModuleLogic._shared = None  # a reloaded module starts a fresh Logic
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -411,6 +412,7 @@ class SAMMed3DMoEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _modelLoaded(self, model, spec) -> None:
         self.logic.set_model(model, spec)
+        self._parameterNode.tau = float(model.tau)  # the bundle's own threshold is the starting point
         device = next(model.parameters()).device
         self._setStatus(f"Model '{spec}' loaded on {device}.")
         self._fillExperts()
