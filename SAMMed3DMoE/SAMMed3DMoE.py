@@ -2,7 +2,7 @@
 
 The module (title, help), its parameter node, a thin Widget (GUI <-> parameter node, progress,
 keyboard shortcuts) and the in-Slicer self-test. Everything that is not GUI lives in
-``SAMMed3DMoELogic.py`` (MRML <-> engine, testable without Qt) and the engine package
+the ``SAMMed3DMoELogic`` package (MRML <-> engine, testable without Qt) and the engine package
 ``SAMMed3DMoELib`` (installed beside this file). Dependencies (PyTorch and a few packages) are
 installed on first use, with consent, by ``SAMMed3DMoEDependencies.py``.
 """

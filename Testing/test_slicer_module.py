@@ -135,7 +135,7 @@ def test_module_file_imports_no_engine_or_torch_at_load_time(module_tree):
         elif isinstance(node, ast.ImportFrom):
             top.append(node.module)
     assert not [n for n in top if n.startswith(("torch", "SAMMed3DMoELib"))], top
-    for path in MODULE_DIR.glob("*.py"):
+    for path in list(MODULE_DIR.glob("*.py")) + list(MODULE_DIR.glob("SAMMed3DMoELogic/*.py")):
         if path == MODULE_FILE:
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -157,8 +157,9 @@ def test_extension_cmake_builds_the_module_and_installs_the_engine_beside_it():
 
     module = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule(" in module and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module
-    listed = re.findall(r"\$\{MODULE_NAME\}(\w*\.py)", module)
-    assert sorted({"SAMMed3DMoE" + s for s in listed}) == sorted(p.name for p in MODULE_DIR.glob("*.py"))
+    listed = {"SAMMed3DMoE" + s for s in re.findall(r"\$\{MODULE_NAME\}([\w/]*\.py)", module)}
+    on_disk = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*.py")}
+    assert listed == on_disk
     for resource in re.findall(r"(Resources/\S+)", module):
         assert (MODULE_DIR / resource.replace("${MODULE_NAME}", "SAMMed3DMoE")).is_file(), resource
     assert "SAMMed3DMoELib/*.py" in module and "SAMMed3DMoELib/catalog.json" in module
