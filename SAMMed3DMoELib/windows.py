@@ -27,6 +27,7 @@ from .geometry import (
     resample_linear_1d,
     sample_grid,
 )
+from .prompts import point_on_volume
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,8 @@ def window_for_point(prepared: PreparedVolume, ras_point, size: int = WINDOW_SIZ
     pt = as_points(ras_point, "the point").reshape(-1, 3)
     if pt.shape[0] != 1:
         raise SAMMed3DError(f"window_for_point takes one point, got {pt.shape[0]}.")
-    idx = prepared.ras_to_index(pt)[0]
-    shape = np.asarray(prepared.shape)
-    if np.any(idx < -0.5 - 1e-6) or np.any(idx > shape - 0.5 + 1e-6):
-        raise SAMMed3DError(
-            f"the point {pt[0].round(2).tolist()} (RAS mm) lies outside the volume; place it on "
-            "the image."
-        )
-    return _window_at(idx, size)
+    point_on_volume(prepared.source, pt[0])
+    return _window_at(prepared.ras_to_index(pt)[0], size)
 
 
 def window_for_box(

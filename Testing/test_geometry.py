@@ -328,7 +328,7 @@ def test_extract_window_pads_and_normalises(loaded):
 def test_window_errors(loaded):
     _, prep = loaded["plain"]
     far = prep.index_to_ras(np.array([-40.0, 10, 10]))
-    with pytest.raises(SAMMed3DError, match="outside the volume"):
+    with pytest.raises(SAMMed3DError, match="outside the image"):
         window_for_point(prep, far)
     with pytest.raises(SAMMed3DError, match="does not overlap"):
         window_for_box(prep, far, far - 5)

@@ -37,59 +37,31 @@ def _temporary_sibling(path: Path, ext: str) -> Path:
     return path.with_name(f".{base}.partial-{os.getpid()}{ext}")
 
 
-def _volume_extent_text(volume) -> str:
-    import numpy as np
-
-    n = np.asarray(volume.shape, dtype=float)
-    corners = np.array([[a, b, c] for a in (-0.5, n[0] - 0.5) for b in (-0.5, n[1] - 0.5) for c in (-0.5, n[2] - 0.5)])
-    ras = volume.ijk_to_ras(corners)
-    lo, hi = ras.min(axis=0), ras.max(axis=0)
-    return ", ".join(f"{axis} {a:.1f}..{b:.1f}" for axis, a, b in zip("RAS", lo, hi)) + " mm"
-
-
 def _fmt(values) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
 def _prompts_in_ras(volume, prompts: List[dict]) -> List[dict]:
-    """Prompts as RAS mm, checked against the image (before any model is loaded)."""
-    import numpy as np
+    """Prompts as RAS mm, checked against the image (before any model is loaded) by the library's
+    prompt rules (SAMMed3DMoELib.prompts)."""
+    from .. import prompts as rules
 
-    shape = np.asarray(volume.shape)
     out = []
     boxes = 0
     for p in prompts:
-        option = p["option"]
+        what = f"{p['option']} {_fmt(p['values'])}"
         if p["kind"] == "box":
             boxes += 1
             if boxes > 1:
                 raise SAMMed3DError("give at most one --box (a second box would replace the first)")
-            lo = np.minimum(p["values"][:3], p["values"][3:])
-            hi = np.maximum(p["values"][:3], p["values"][3:])
-            if np.any(hi - lo <= 0):
-                raise SAMMed3DError(
-                    f"--box {_fmt(p['values'])} has zero extent along {'RAS'[int(np.argmin(hi - lo))]}; give two "
-                    "opposite corners that differ in all three coordinates"
-                )
-            out.append({"type": "box", "ras_min": [float(v) for v in lo], "ras_max": [float(v) for v in hi]})
+            box = rules.box_from_corners(volume, p["values"][:3], p["values"][3:], what)
+            out.append({"type": "box", "ras_min": list(box.ras_min), "ras_max": list(box.ras_max)})
             continue
         if p["kind"] == "ijk":
-            ijk = np.asarray(p["values"], dtype=float)
-            if np.any(ijk < -0.5) or np.any(ijk > shape - 0.5):
-                raise SAMMed3DError(
-                    f"{option} {_fmt(p['values'])} lies outside the image: voxel indices must lie within "
-                    f"0..{shape[0] - 1}, 0..{shape[1] - 1}, 0..{shape[2] - 1} (shape {'x'.join(map(str, shape))})"
-                )
-            ras = volume.ijk_to_ras(ijk.reshape(1, 3))[0]
+            ras = rules.ijk_on_volume(volume, p["values"], what)
         else:
-            ras = np.asarray(p["values"], dtype=float)
-            ijk = volume.ras_to_ijk(ras.reshape(1, 3))[0]
-            if np.any(ijk < -0.5) or np.any(ijk > shape - 0.5):
-                raise SAMMed3DError(
-                    f"{option} {_fmt(p['values'])} (RAS mm) lies outside the image, which spans "
-                    f"{_volume_extent_text(volume)}; check the signs (RAS, not the LPS of ITK/DICOM: negate "
-                    "the first two) or give voxel indices with --point-ijk"
-                )
+            ras = rules.as_xyz(p["values"], what)
+            rules.point_on_volume(volume, ras, f"{what} (RAS mm)", hint=" or give voxel indices with --point-ijk")
         out.append({"type": "point", "positive": bool(p["positive"]), "ras": [float(v) for v in ras]})
     if not out:
         raise SAMMed3DError("no prompt given: add at least one --point (or --point-ijk) on the object, or a --box")
