@@ -31,6 +31,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from nibabel import orientations as nib_orientations
 
 from .errors import SAMMed3DError
 
@@ -140,6 +141,19 @@ class Volume(_Grid):
         self.array = arr
         self.affine = check_affine(self.affine, "volume's affine (voxel index -> RAS)")
 
+    @classmethod
+    def from_kji(cls, array_kji, ijk_to_ras) -> "Volume":
+        """A volume from an array indexed ``[k, j, i]`` (Slicer's ``arrayFromVolume`` order) and
+        its 4x4 IJK-to-RAS matrix (``GetIJKToRASMatrix`` with parent transforms hardened). The
+        array is not copied: ``volume.array`` is a transposed view of it."""
+        arr = np.asarray(array_kji)
+        if arr.ndim != 3:
+            raise SAMMed3DError(
+                f"a volume from Slicer must be a 3D array indexed [k, j, i], got {arr.ndim}D with shape "
+                f"{arr.shape}; pick one 3D volume (one time point / component) first."
+            )
+        return cls(arr.transpose(2, 1, 0), np.asarray(ijk_to_ras, dtype=np.float64))
+
     def ijk_to_ras(self, points) -> np.ndarray:
         """Voxel indices (..., 3) -> RAS mm (..., 3)."""
         return apply_affine(self.affine, as_points(points, "voxel indices"))
@@ -203,30 +217,18 @@ def canonical_transform(affine, shape) -> Tuple[np.ndarray, list, list]:
 
     Returns ``(P, axes, flips)``: ``P`` (4x4) maps canonical voxel indices to the original ones,
     canonical axis ``a`` is original axis ``axes[a]``, reversed if ``flips[a]``. The canonical
-    affine is ``affine @ P``. Axes are matched greedily in original-axis order to the world axis
-    their (orthogonalised) direction is closest to, as nibabel's ``io_orientation`` does."""
+    affine is ``affine @ P``, exactly what ``nibabel.as_closest_canonical`` gives: the axis
+    matching is nibabel's ``io_orientation`` (each axis goes to the world axis its orthogonalised
+    direction is closest to). When two axes compete for one world axis (directions near 45
+    degrees), nibabel's rule decides; from nibabel 5.3 the strongest axis chooses first."""
     aff = check_affine(affine)
-    lin = aff[:3, :3] / np.linalg.norm(aff[:3, :3], axis=0)[None, :]
-    u, _, vt = np.linalg.svd(lin)
-    rot = u @ vt  # nearest orthogonal matrix (removes shear)
-    free_world = [True, True, True]
+    ornt = nib_orientations.io_orientation(aff)
+    P = nib_orientations.inv_ornt_aff(ornt, tuple(shape))
     axes = [-1, -1, -1]
     flips = [False, False, False]
-    for src_axis in range(3):
-        col = np.abs(rot[:, src_axis]) * np.asarray(free_world, dtype=float)
-        world = int(np.argmax(col))
-        free_world[world] = False
-        axes[world] = src_axis
-        flips[world] = bool(rot[world, src_axis] < 0)
-    P = np.zeros((4, 4))
-    P[3, 3] = 1.0
-    for a in range(3):
-        c = axes[a]
-        if flips[a]:
-            P[c, a] = -1.0
-            P[c, 3] = float(shape[c] - 1)
-        else:
-            P[c, a] = 1.0
+    for src_axis, (world, sign) in enumerate(ornt):
+        axes[int(world)] = src_axis
+        flips[int(world)] = bool(sign < 0)
     return P, axes, flips
 
 
