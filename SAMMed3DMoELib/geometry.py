@@ -387,29 +387,33 @@ def sample_grid(
     """Sample 3D ``data`` at the points ``out_to_in @ (out_start + index)`` for every index of an
     ``out_shape`` grid, with ``grid_sample`` (align_corners=False, border padding), in chunks.
     Returns a tensor of ``out_shape`` and a boolean tensor telling which points fell inside
-    ``data``'s extent ([-0.5, n - 0.5] per axis)."""
+    ``data``'s extent ([-0.5, n - 0.5] per axis).
+
+    Sample coordinates are computed in float64 on the CPU and in float32 on other devices (MPS
+    has no float64; on a GPU float32 is within 1e-4 voxel for grids below 1000 voxels a side)."""
     dev = data.device
+    coord = torch.float64 if dev.type == "cpu" else torch.float32
+    eps = 1e-6 if coord == torch.float64 else 1e-4
     n_in = np.asarray(data.shape[-3:], dtype=np.float64)
-    lin = torch.as_tensor(out_to_in[:3, :3], dtype=torch.float64, device=dev)
-    off = torch.as_tensor(out_to_in[:3, 3], dtype=torch.float64, device=dev)
-    nin = torch.as_tensor(n_in, dtype=torch.float64, device=dev)
+    lin = torch.as_tensor(out_to_in[:3, :3], dtype=coord, device=dev)
+    off = torch.as_tensor(out_to_in[:3, 3], dtype=coord, device=dev)
+    nin = torch.as_tensor(n_in, dtype=coord, device=dev)
     inp = data.reshape(1, 1, *data.shape[-3:]).float()
     out = torch.empty(tuple(int(s) for s in out_shape), dtype=torch.float32, device=dev)
     inside = torch.empty(out.shape, dtype=torch.bool, device=dev)
     plane = max(1, int(out_shape[1]) * int(out_shape[2]))
     rows = max(1, _CHUNK_VOXELS // plane)
-    j = torch.arange(out_shape[1], dtype=torch.float64, device=dev) + out_start[1]
-    k = torch.arange(out_shape[2], dtype=torch.float64, device=dev) + out_start[2]
+    j = torch.arange(out_shape[1], dtype=coord, device=dev) + out_start[1]
+    k = torch.arange(out_shape[2], dtype=coord, device=dev) + out_start[2]
     for r0 in range(0, int(out_shape[0]), rows):
         r1 = min(int(out_shape[0]), r0 + rows)
-        i = torch.arange(r0, r1, dtype=torch.float64, device=dev) + out_start[0]
+        i = torch.arange(r0, r1, dtype=coord, device=dev) + out_start[0]
         pts = (
             lin[:, 0].view(1, 1, 1, 3) * i.view(-1, 1, 1, 1)
             + lin[:, 1].view(1, 1, 1, 3) * j.view(1, -1, 1, 1)
             + lin[:, 2].view(1, 1, 1, 3) * k.view(1, 1, -1, 1)
             + off.view(1, 1, 1, 3)
         )  # (ri, nj, nk, 3): input indices in data's axis order
-        eps = 1e-6
         inside[r0:r1] = ((pts >= -0.5 - eps) & (pts <= nin - 0.5 + eps)).all(dim=-1)
         norm = (2.0 * pts + 1.0) / nin - 1.0
         grid = norm.flip(-1).to(torch.float32).unsqueeze(0)  # grid_sample wants (x=W, y=H, z=D)
