@@ -101,6 +101,7 @@ class SamMed3DMoE(nn.Module):
         tau: float = 0.5,
         selector: str = "paper",
         preprocessing: Optional[dict] = None,
+        box_prompts_trained: bool = False,
     ) -> None:
         super().__init__()
         self.base = base
@@ -112,6 +113,11 @@ class SamMed3DMoE(nn.Module):
             raise SAMMed3DError(f"unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
         self.tau = float(tau)
         self.selector = selector
+        self.box_prompts_trained = bool(box_prompts_trained) and base.box_prompts
+        """Whether the base's box-prompt embeddings were trained. False (the default) for models
+        without them and for checkpoints whose training fed no boxes (the CVPR 2025 line, the
+        "bbox init" starting point): the session then turns a box into a click at its centre.
+        A bundle stores it in config.json (``base.box_prompts_trained``)."""
         self._check_gate()
 
     def _check_gate(self) -> None:
@@ -164,12 +170,18 @@ class SamMed3DMoE(nn.Module):
         boxes: Optional[Tensor] = None,
         mask_logits: Optional[Tensor] = None,
         expert: str = AUTO,
+        tau: Optional[float] = None,
+        selector: Optional[str] = None,
     ) -> Prediction:
         """Decode one prompt set on cached image embeddings.
 
         ``expert``: ``"auto"`` (gate + selector), ``"general"`` (the base model only) or an
-        expert's name (that expert only). Only the decoders that contribute run.
+        expert's name (that expert only). Only the decoders that contribute run. ``tau`` and
+        ``selector`` override the model's for this call (a session's own settings; the model
+        is not changed).
         """
+        tau = self.tau if tau is None else float(tau)
+        selector = self.selector if selector is None else selector
         prompt_encoder = self.base.prompt_encoder
         sparse, dense = prompt_encoder(points=points, boxes=boxes, masks=mask_logits)
         pe = prompt_encoder.get_dense_pe()
@@ -198,10 +210,10 @@ class SamMed3DMoE(nn.Module):
         top = int(scores[0, 1:].argmax()) + 1
         top_name = self.expert_names[top - 1]
         s_general, s_top = float(scores[0, 0]), float(scores[0, top])
-        if s_top <= self.tau:
+        if s_top <= tau:
             return Prediction(general_logits, general_iou, [GENERAL], {GENERAL: 1.0}, score_dict)
         expert_logits, expert_iou = run(top_name)
-        logits, w = fuse(general_logits, expert_logits, s_general, s_top, self.tau, self.selector)
+        logits, w = fuse(general_logits, expert_logits, s_general, s_top, tau, selector)
         iou = expert_iou if w["expert"] >= w["general"] else general_iou
         return Prediction(logits, iou, [GENERAL, top_name], {GENERAL: w["general"], top_name: w["expert"]}, score_dict)
 
