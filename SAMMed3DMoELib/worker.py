@@ -6,6 +6,8 @@ import concurrent.futures
 import threading
 from typing import Callable, Dict, Tuple
 
+from .errors import SAMMed3DError
+
 
 class SessionWorker:
     """One persistent thread that runs model work for a GUI (CUDA state is per thread).
@@ -20,6 +22,7 @@ class SessionWorker:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sammed3d-worker")
         self._pending: Dict[concurrent.futures.Future, Tuple[object, threading.Event]] = {}
         self._lock = threading.RLock()  # a cancelled future's done-callback runs inside submit()
+        self._shut_down = False
 
     def submit(self, fn: Callable, *args, key: object = None, pass_cancel: bool = False, **kwargs) -> concurrent.futures.Future:
         """Queue ``fn(*args, **kwargs)``; with ``pass_cancel`` it also gets ``cancel=Event``."""
@@ -27,6 +30,8 @@ class SessionWorker:
         if pass_cancel:
             kwargs["cancel"] = event
         with self._lock:
+            if self._shut_down:
+                raise SAMMed3DError("the model worker was shut down; create a new SessionWorker")
             if key is not None:
                 for future, (job_key, old_event) in list(self._pending.items()):
                     if job_key == key:
@@ -50,5 +55,10 @@ class SessionWorker:
             future.cancel()
 
     def shutdown(self) -> None:
+        """Refuse new jobs, cancel queued ones and ask the running one to stop. Returns at once,
+        never waiting for the running job (it ends on the worker thread at its next cancel check;
+        its future still completes)."""
+        with self._lock:
+            self._shut_down = True
         self.cancel_all()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
