@@ -1,10 +1,17 @@
 """The interactive session: a volume, a model, the user's prompts, and masks back in place.
 
 A :class:`Session` holds one volume prepared once for the model (canonical axes, 1.5 mm, CT
-clamped), the list of prompts in RAS millimetres, and a cache of image embeddings per 128³
-window, so that every click after the first in a window costs only the prompt encoder, the
-gate and the decoders that contribute. Results are returned as a boolean region of the
-ORIGINAL voxel grid plus its offset, so a caller writes only what can have changed.
+clamped), the prompts in RAS millimetres, and a cache (:mod:`.session_cache`, one memory
+budget) of image embeddings and decoded click steps per window, so that every click after the
+first in a window costs only the prompt encoder, the gate and the decoders that contribute.
+
+Results a GUI can write safely: :meth:`Session.predict` returns a :class:`SessionResult` whose
+``region`` covers the *rewrite extent*: the windows this prediction computed, united with the
+bounding box of every voxel an earlier result of this segment set (since the session started or
+:meth:`Session.start_new_segment`). Writing the whole region (False voxels included) over that
+extent therefore clears voxels an earlier, larger mask set, even when a result in between was
+dropped as stale. :meth:`Session.reset` returns such a result too (all False). ``region_kji``
+and ``extent_ijk`` give the same in Slicer's conventions.
 
 Clicks are replayed with SAM-Med3D's training protocol by default: step k gives the decoder the
 k-th prompt and the low-res logits of step k-1 (``protocol="newest"``); ``"accumulate"`` gives
@@ -14,53 +21,100 @@ removing a prompt replays only from the first changed step.
 Objects larger than one window: when the mask touches a window face that is not the volume's
 edge, the session continues in the neighbouring window (50 % overlap, as the SAM-Med3D paper
 does), seeded with the mask found so far and a positive point inside it, until the object closes
-or ``max_windows`` is reached.
+or ``max_windows`` windows are computed. Every window computed is in the mask and listed in
+``result.windows``; the limit only stops new windows.
 
-GUIs run sessions on :class:`~SAMMed3DMoELib.worker.SessionWorker`'s persistent thread.
+Threads and sharing: prompt edits and the settings ``expert``, ``tau``, ``selector`` take a lock
+and bump ``revision``; :meth:`Session.predict` works on a snapshot taken under that lock, so a
+GUI may edit prompts while a prediction runs on :class:`~SAMMed3DMoELib.worker.SessionWorker`
+and drop results whose ``revision`` is stale. Several sessions may share one model object: a
+session never moves, casts or changes it; when it needs the model on another device or dtype
+it makes its own copy (load the model on the device the sessions use, so that they share it).
+
+Out of memory (CUDA, cuBLAS/cuDNN, MPS, CPU; see :func:`~SAMMed3DMoELib.device.is_out_of_memory`):
+the session frees what it owns (its cache, its device copy of the volume, its own model copy),
+continues on the CPU in float32 (its own CPU copy of the model unless the given model already
+is one) and predicts again, with a warning and a note; if that fails too it raises
+:class:`~SAMMed3DMoELib.errors.OutOfMemoryError`. ``Session.device_step_hook`` is the seam to
+inject such failures: it is called with ``"encode"``, ``"decode"`` or ``"map_back"`` right
+before each step that runs on the compute device.
+
+Box prompts: a box reaches the model only if its box embeddings were trained
+(``SamMed3DMoE.box_prompts_trained``); otherwise it becomes a positive click at its centre and
+the mask is limited to the box, with a note. A box larger than the window is clipped to the
+window (a note says so), never sent out of range.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
 import warnings
-from collections import OrderedDict
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import geometry, windows
-from .device import select_device
-from .errors import CancelledError, SAMMed3DError
+from . import geometry, prompts, windows
+from .device import copy_module, is_out_of_memory, module_placement, resolve_device, select_device
+from .errors import CancelledError, OutOfMemoryError, SAMMed3DError
 from .geometry import PreparedVolume, Volume
-from .moe import AUTO, NORMALIZATIONS, Prediction, SamMed3DMoE
-from .prompts import Box, Point, as_xyz
+from .moe import AUTO, GENERAL, NORMALIZATIONS, SELECTORS, Prediction, SamMed3DMoE
+from .prompts import Box, Point
+from .session_cache import SessionCache
 from .windows import Window
 
 PROTOCOLS = ("newest", "accumulate")
+STEPS = ("encode", "decode", "map_back")
+"""The steps that run on the compute device (what ``Session.device_step_hook`` is told)."""
 
 
 @dataclass
 class SessionResult:
-    """What :meth:`Session.predict` returns."""
+    """What :meth:`Session.predict` and :meth:`Session.reset` return."""
 
     region: np.ndarray
-    """Boolean mask on the original grid, covering ``offset`` .. ``offset + region.shape``."""
+    """Boolean mask [i, j, k] on the original grid over the rewrite extent (``offset`` ..
+    ``offset + region.shape``): write all of it, False voxels included."""
     offset: Tuple[int, int, int]
-    decoders: List[str]
+    revision: int
+    """The prompt revision this result was computed for (compare with ``Session.revision``)."""
+    decoders: List[str] = field(default_factory=list)
     """Decoders that ran for the last step of the first window ("general", expert names)."""
-    weights: Dict[str, float]
-    scores: Optional[Dict[str, float]]
+    weights: Dict[str, float] = field(default_factory=dict)
+    scores: Optional[Dict[str, float]] = None
     """Gate scores (None without experts)."""
-    windows: List[Tuple[int, int, int]]
-    """Prepared-grid start index of each window used, the prompt's window first."""
+    windows: List[Tuple[int, int, int]] = field(default_factory=list)
+    """Prepared-grid start index of each window computed, the prompt's window first."""
     timings_ms: Dict[str, float] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     """Things the user should know (e.g. a box emulated on a model without box prompts)."""
+
+    @property
+    def empty(self) -> bool:
+        """True when no voxel is set."""
+        return not self.region.any()
+
+    @property
+    def extent_ijk(self) -> Tuple[int, int, int, int, int, int]:
+        """The rewrite extent ``(i0, i1, j0, j1, k0, k1)``, inclusive, as VTK image extents are
+        (``(0, -1, 0, -1, 0, -1)`` when empty)."""
+        if min(self.region.shape) == 0:
+            return (0, -1, 0, -1, 0, -1)
+        out = []
+        for o, n in zip(self.offset, self.region.shape):
+            out += [int(o), int(o + n - 1)]
+        return tuple(out)
+
+    @functools.cached_property
+    def region_kji(self) -> np.ndarray:
+        """``region`` as uint8 [k, j, i], C-contiguous (Slicer's array order, for VTK)."""
+        return np.ascontiguousarray(self.region.transpose(2, 1, 0)).view(np.uint8)
 
     def full_mask(self, shape: Sequence[int]) -> np.ndarray:
         """The region pasted into an all-False array of the original grid's ``shape``."""
@@ -71,37 +125,65 @@ class SessionResult:
         return out
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """The prompts and settings one prediction works on."""
+
+    prompts: Tuple[Tuple[int, object], ...]
+    revision: int
+    expert: str
+    tau: float
+    selector: str
+    protocol: str
+    max_windows: int
+    expert_names: Tuple[str, ...]
+
+    @property
+    def settings(self) -> tuple:
+        """What memoised steps depend on besides the steps themselves."""
+        return (self.expert, self.protocol, self.tau, self.selector, self.expert_names)
+
+
 class Session:
-    """Interactive segmentation of one volume with one model (see the module docstring)."""
+    """Interactive segmentation of one volume with one model (see the module docstring).
+
+    ``model``: a :class:`SamMed3DMoE` (or a bare ``SamMed3D``), possibly shared with other
+    sessions. ``device``: "auto" (see :func:`~SAMMed3DMoELib.device.select_device`), "cpu",
+    "cuda", "cuda:N", "mps". ``memory_budget_bytes``: what the cache of embeddings and click
+    steps may hold on the device. ``cpu_fallback``: continue on the CPU when the device runs out
+    of memory (else raise :class:`~SAMMed3DMoELib.errors.OutOfMemoryError`).
+    """
+
+    device_step_hook: Optional[Callable[[str], None]] = None
+    """Test seam: called with the step name (one of :data:`STEPS`) before each step on the
+    compute device, on the thread that predicts. Raising from it injects a failure there."""
 
     def __init__(
         self,
         volume: Volume,
-        model: SamMed3DMoE,
+        model,
         *,
-        device=None,
+        device="auto",
         modality: str = "auto",
         protocol: str = "newest",
         expert: str = AUTO,
         max_windows: int = 8,
-        cache_bytes: int = 512 * 2 ** 20,
+        memory_budget_bytes: int = 512 * 2 ** 20,
         cpu_fallback: bool = True,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise SAMMed3DError(f"unknown click protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
         if not isinstance(model, SamMed3DMoE):
             model = SamMed3DMoE(model)
-        self.device = select_device(device)
-        self.model = model.to(self.device).eval()
-        self.dtype = next(self.model.parameters()).dtype
+        self._source = model
+        self.device = resolve_device(select_device(device))
+        self._use_model(self.device, dtype=None)
         self.protocol = protocol
-        self.expert = expert
         self.max_windows = int(max_windows)
-        self.cache_bytes = int(cache_bytes)
         self.cpu_fallback = cpu_fallback
-        self.window_size = self.model.base.img_size
-        self._lowres = self.model.base.prompt_encoder.mask_input_size
-        pre = self.model.preprocessing
+        self.window_size = model.base.img_size
+        self._lowres = model.base.prompt_encoder.mask_input_size
+        pre = model.preprocessing
         if pre["normalization"] not in NORMALIZATIONS:
             raise SAMMed3DError(
                 f"the model asks for image normalisation {pre['normalization']!r}, which this version does not "
@@ -116,13 +198,74 @@ class Session:
         self.prepared: PreparedVolume = geometry.prepare_volume(
             volume, spacing=pre["spacing_mm"], modality=modality, ct_clamp=pre["ct_clamp"])
         self.prepare_ms = (time.perf_counter() - start) * 1e3
+        self._lock = threading.RLock()  # prompts, revision, settings, written extent
+        self._predicting = threading.Lock()  # one prediction at a time (it owns the cache)
         self._prompts: List[Tuple[int, object]] = []
         self._history: List[List[Tuple[int, object]]] = []
         self._ids = itertools.count(1)
-        self._embeddings: "OrderedDict[Tuple[int, int, int], torch.Tensor]" = OrderedDict()
-        # (window start, expert, protocol, tau, selector, expert names) -> [(step, prediction)]
-        self._steps: Dict[tuple, List[Tuple[tuple, Prediction]]] = {}
+        self._revision = 0
+        self._expert = AUTO
+        self._tau: Optional[float] = None
+        self._selector: Optional[str] = None
+        self.expert = expert
+        self._written: Optional[Tuple[np.ndarray, np.ndarray]] = None  # [lo, hi) of voxels results set
+        self._cache = SessionCache(memory_budget_bytes)
+        self._closed = False
         self.notes: List[str] = []
+
+    # ------------------------------------------------------------------ model placement
+    def _use_model(self, device: torch.device, dtype: Optional[torch.dtype]) -> None:
+        """Compute on ``device`` in ``dtype`` (default: the model's, or that of its first
+        parameter when its parts disagree): the given model itself when it is already there so,
+        else this session's own copy."""
+        placement = module_placement(self._source)
+        if placement is not None and placement[0] == device and dtype in (None, placement[1]):
+            self.model, self.owns_model = self._source, False
+        else:
+            dtype = dtype or (placement[1] if placement else next(self._source.parameters()).dtype)
+            self.model, self.owns_model = copy_module(self._source, device, dtype).eval(), True
+        self.device = device
+        self.dtype = next(self.model.parameters()).dtype
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def expert(self) -> str:
+        """"auto" (gate + selector), "general" or an expert's name, for this session only."""
+        return self._expert
+
+    @expert.setter
+    def expert(self, value: str) -> None:
+        if value not in (AUTO, GENERAL) and value not in self._source.expert_names:
+            raise SAMMed3DError(
+                f"no expert named {value!r}; choose auto, general or one of: "
+                f"{', '.join(self._source.expert_names) or '(this model has no experts)'}"
+            )
+        with self._lock:
+            self._expert = value
+
+    @property
+    def tau(self) -> float:
+        """The selector's threshold τ for this session (None restores the model's)."""
+        return self._source.tau if self._tau is None else self._tau
+
+    @tau.setter
+    def tau(self, value: Optional[float]) -> None:
+        if value is not None and not (0.0 <= float(value) <= 1.0):
+            raise SAMMed3DError(f"tau must be between 0 and 1, got {value!r}")
+        with self._lock:
+            self._tau = None if value is None else float(value)
+
+    @property
+    def selector(self) -> str:
+        """The selector ("paper", "average", "renormalized") for this session (None: the model's)."""
+        return self._source.selector if self._selector is None else self._selector
+
+    @selector.setter
+    def selector(self, value: Optional[str]) -> None:
+        if value is not None and value not in SELECTORS:
+            raise SAMMed3DError(f"unknown selector {value!r}; choose one of {', '.join(SELECTORS)}")
+        with self._lock:
+            self._selector = value
 
     # ------------------------------------------------------------------ prompts
     @property
@@ -130,103 +273,200 @@ class Session:
         return self.prepared.source
 
     @property
+    def revision(self) -> int:
+        """Incremented by every prompt change (add, remove, box, undo, reset, new segment)."""
+        return self._revision
+
+    @property
     def prompts(self) -> List[Tuple[int, object]]:
-        """(id, Point or Box) in the order given."""
-        return list(self._prompts)
+        """(id, Point or Box) in the order given (a copy)."""
+        with self._lock:
+            return list(self._prompts)
 
     def add_point(self, ras, positive: bool = True) -> int:
         """Add a click at RAS mm; returns its id. A point off the volume is refused."""
-        point = Point(tuple(as_xyz(ras, "a point")), bool(positive))
-        self._check_on_volume(point.ras)
-        return self._push(point)
+        xyz = prompts.as_xyz(ras, "a point")
+        prompts.point_on_volume(self.volume, xyz)
+        return self._push(Point(tuple(float(v) for v in xyz), bool(positive)))
 
     def add_point_ijk(self, ijk, positive: bool = True) -> int:
         """Add a click given as voxel indices of the original volume."""
-        return self.add_point(self.volume.ijk_to_ras(np.asarray(ijk, dtype=float).reshape(1, 3))[0], positive)
+        return self._push(Point(tuple(float(v) for v in prompts.ijk_on_volume(self.volume, ijk, "the point")),
+                                bool(positive)))
 
     def set_box(self, ras_min, ras_max) -> int:
         """Set the box prompt (replacing an earlier box); returns its id."""
-        a, b = as_xyz(ras_min, "a box corner"), as_xyz(ras_max, "a box corner")
-        lo, hi = np.minimum(a, b), np.maximum(a, b)
-        if np.any(hi - lo < float(self.volume.spacing.min())):  # thinner than a voxel along R, A or S
-            raise SAMMed3DError(
-                f"the box {lo.round(1).tolist()}..{hi.round(1).tolist()} mm has (almost) zero extent on at "
-                f"least one axis; drag it over the object in all three directions"
-            )
-        windows.window_for_box(self.prepared, lo, hi, self.window_size)  # refuses a box off the volume
-        self._save_history()
-        self._prompts = [(i, p) for i, p in self._prompts if not isinstance(p, Box)]
-        box_id = next(self._ids)
-        self._prompts.append((box_id, Box(tuple(lo), tuple(hi))))
-        return box_id
+        box = prompts.box_from_corners(self.volume, ras_min, ras_max)
+        windows.window_for_box(self.prepared, box.ras_min, box.ras_max, self.window_size)  # refuses a box off the volume
+        with self._lock:
+            self._save_history()
+            self._prompts = [(i, p) for i, p in self._prompts if not isinstance(p, Box)]
+            box_id = next(self._ids)
+            self._prompts.append((box_id, box))
+            return box_id
 
     def remove_prompt(self, prompt_id: int) -> None:
-        if prompt_id not in [i for i, _ in self._prompts]:
-            raise SAMMed3DError(f"no prompt with id {prompt_id}; current ids: {[i for i, _ in self._prompts]}")
-        self._save_history()
-        self._prompts = [(i, p) for i, p in self._prompts if i != prompt_id]
+        with self._lock:
+            if prompt_id not in [i for i, _ in self._prompts]:
+                raise SAMMed3DError(f"no prompt with id {prompt_id}; current ids: {[i for i, _ in self._prompts]}")
+            self._save_history()
+            self._prompts = [(i, p) for i, p in self._prompts if i != prompt_id]
 
     def undo(self) -> bool:
         """Undo the last prompt change; False when there is nothing to undo."""
-        if not self._history:
-            return False
-        self._prompts = self._history.pop()
-        return True
+        with self._lock:
+            if not self._history:
+                return False
+            self._prompts = self._history.pop()
+            self._revision += 1
+            return True
 
-    def reset(self) -> None:
-        """Forget all prompts (the embedding cache stays: the image did not change)."""
-        self._save_history()
-        self._prompts = []
+    def reset(self) -> SessionResult:
+        """Forget all prompts (undoable). Returns the result that clears every voxel the
+        segment's earlier results set (write it like any result). The cache stays."""
+        with self._lock:
+            self._save_history()
+            self._prompts = []
+            result = self._clearing_result(self._revision, [])
+            self._written = None
+            return result
+
+    def start_new_segment(self) -> None:
+        """Accept what was written and start the next object: prompts, undo history and the
+        rewrite extent are forgotten (the cache stays: the image did not change)."""
+        with self._lock:
+            self._prompts, self._history, self._written = [], [], None
+            self._revision += 1
+
+    def close(self) -> None:
+        """Free what the session holds on its device (cache, volume copy, own model copy). Does
+        not wait for a running prediction (that one frees them when it ends). A closed session
+        refuses to predict."""
+        with self._lock:
+            self._closed = True
+        if self._predicting.acquire(blocking=False):
+            try:
+                self._release()
+            finally:
+                self._predicting.release()
+
+    def _release(self) -> None:
+        self._cache.clear()
+        self.prepared.__dict__.pop("_tensor", None)  # the device copy (PreparedVolume.tensor)
+        if self.owns_model:
+            self.model, self.owns_model = self._source, False
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _push(self, prompt) -> int:
-        self._save_history()
-        prompt_id = next(self._ids)
-        self._prompts.append((prompt_id, prompt))
-        return prompt_id
+        with self._lock:
+            self._save_history()
+            prompt_id = next(self._ids)
+            self._prompts.append((prompt_id, prompt))
+            return prompt_id
 
     def _save_history(self) -> None:
+        """Called under the lock before every change: keeps the undo history, bumps the revision."""
         self._history.append(list(self._prompts))
         del self._history[:-100]
+        self._revision += 1
 
-    def _check_on_volume(self, ras) -> None:
-        ijk = self.volume.ras_to_ijk(np.asarray(ras, dtype=float).reshape(1, 3))[0]
-        shape = np.asarray(self.volume.shape)
-        if np.any(ijk < -0.5) or np.any(ijk > shape - 0.5):
-            raise SAMMed3DError(
-                f"the point {np.round(ras, 1).tolist()} (RAS mm) lies outside the volume "
-                f"(voxel {np.round(ijk, 1).tolist()} of a {shape.tolist()} grid); place it on the image"
-            )
+    def _snapshot(self) -> _Snapshot:
+        with self._lock:
+            if self._closed:
+                raise SAMMed3DError("this session was closed; start a new session for this volume")
+            return _Snapshot(tuple(self._prompts), self._revision, self._expert, self.tau, self.selector,
+                             self.protocol, self.max_windows, tuple(self._source.expert_names))
+
+    # ------------------------------------------------------------------ results
+    def _clearing_result(self, revision: int, notes: List[str]) -> SessionResult:
+        """An all-False result over what earlier results set (call under the lock)."""
+        if self._written is None:
+            return SessionResult(np.zeros((0, 0, 0), dtype=bool), (0, 0, 0), revision, notes=notes)
+        lo, hi = self._written
+        return SessionResult(np.zeros(tuple(hi - lo), dtype=bool), tuple(int(v) for v in lo), revision, notes=notes)
+
+    def _rewrite(self, region: np.ndarray, offset, **fields) -> SessionResult:
+        """The computed ``region`` widened to the rewrite extent; records the voxels it sets."""
+        lo = np.asarray(offset, dtype=np.int64)
+        hi = lo + region.shape
+        set_voxels = _bbox(region)
+        with self._lock:
+            if self._written is not None:
+                lo, hi = np.minimum(lo, self._written[0]), np.maximum(hi, self._written[1])
+            if set_voxels is not None:
+                new = (set_voxels[0] + offset, set_voxels[1] + offset)
+                self._written = new if self._written is None else (
+                    np.minimum(self._written[0], new[0]), np.maximum(self._written[1], new[1]))
+        if tuple(lo) != tuple(offset) or tuple(hi - lo) != region.shape:
+            out = np.zeros(tuple(hi - lo), dtype=bool)
+            o = np.asarray(offset) - lo
+            out[o[0]:o[0] + region.shape[0], o[1]:o[1] + region.shape[1], o[2]:o[2] + region.shape[2]] = region
+            region = out
+        return SessionResult(region=region, offset=tuple(int(v) for v in lo), **fields)
 
     # ------------------------------------------------------------------ prediction
     def predict(self, cancel: Optional[threading.Event] = None) -> SessionResult:
-        """Segment the current prompts. Raises SAMMed3DError when there is nothing to segment.
+        """Segment the prompts as they are now (a snapshot: later edits do not affect this call).
 
-        If the GPU runs out of memory, the session moves to the CPU (with a warning and a note
-        in the result) and predicts again there, unless ``cpu_fallback`` is False."""
+        With no prompt at all the result clears the segment's earlier voxels; only negative
+        points raise a SAMMed3DError. On running out of memory, see the module docstring."""
+        snapshot = self._snapshot()
+        with self._predicting:
+            try:
+                return self._predict_with_fallback(snapshot, cancel)
+            finally:
+                if self._closed:
+                    self._release()
+
+    def _predict_with_fallback(self, snapshot: _Snapshot, cancel) -> SessionResult:
         try:
-            return self._predict(cancel)
-        except torch.cuda.OutOfMemoryError:
-            if not self.cpu_fallback or self.device.type == "cpu":
-                raise SAMMed3DError(
-                    "the GPU ran out of memory; close other GPU programs or use the CPU (--device cpu)"
+            return self._predict(snapshot, cancel)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
+            if not is_out_of_memory(exc):
+                raise
+            where = self.device.type.upper() if self.device.type != "cpu" else "CPU"
+            if not self.cpu_fallback:
+                raise OutOfMemoryError(
+                    f"the {where} ran out of memory; close other programs that use it, or run on the CPU"
                 ) from None
-        self._move_to_cpu()
-        return self._predict(cancel)
+        try:
+            self._fall_back(where)
+            return self._predict(snapshot, cancel)
+        except Exception as exc:  # noqa: BLE001
+            if is_out_of_memory(exc):
+                raise OutOfMemoryError(
+                    f"the {where} ran out of memory, and so did the CPU after the session freed its cache; close "
+                    "other programs, or segment a smaller volume (crop it first)"
+                ) from None
+            raise
 
-    def _move_to_cpu(self) -> None:
-        message = "the GPU ran out of memory; continuing on the CPU (slower)"
+    def _fall_back(self, where: str) -> None:
+        """Free what this session owns on its device and continue on the CPU in float32."""
+        if where == "CPU":
+            message = "the CPU ran out of memory; the session freed its cache and tried again"
+        else:
+            message = f"the {where} ran out of memory; continuing on the CPU (slower)"
         warnings.warn(message)
+        previous = self.device
+        self._cache.clear()
+        self.prepared.__dict__.pop("_tensor", None)
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            self._use_model(torch.device("cpu"), torch.float32)
+        if previous.type == "cuda":
+            torch.cuda.empty_cache()
         self.notes.append(message)
-        self.device = torch.device("cpu")
-        self.model.to(self.device)
-        self.prepared.tensor(self.device)  # replaces the GPU copy of the prepared volume
-        self._embeddings = OrderedDict((k, v.to(self.device)) for k, v in self._embeddings.items())
-        self._steps.clear()
-        torch.cuda.empty_cache()
 
-    def _predict(self, cancel: Optional[threading.Event]) -> SessionResult:
-        points = [p for _, p in self._prompts if isinstance(p, Point)]
-        boxes = [p for _, p in self._prompts if isinstance(p, Box)]
+    def _device_step(self, name: str) -> None:
+        if self.device_step_hook is not None:
+            self.device_step_hook(name)
+
+    def _predict(self, snapshot: _Snapshot, cancel: Optional[threading.Event]) -> SessionResult:
+        points = [p for _, p in snapshot.prompts if isinstance(p, Point)]
+        boxes = [p for _, p in snapshot.prompts if isinstance(p, Box)]
+        if not snapshot.prompts:
+            with self._lock:
+                return self._clearing_result(snapshot.revision, ["there are no prompts; the mask is cleared"])
         if not boxes and not any(p.positive for p in points):
             raise SAMMed3DError(
                 "only negative (background) points are placed; add a positive point on the object, or a box"
@@ -240,33 +480,34 @@ class Session:
         else:
             first_positive = next(p for p in points if p.positive)
             first = windows.window_for_point(self.prepared, first_positive.ras, self.window_size)
-        steps = self._prompt_steps(first, points, box, notes)
-        prediction = self._replay(first, steps, timings, cancel)
+        box_trained = self.model.base.box_prompts and self.model.box_prompts_trained
+        steps = self._prompt_steps(first, points, box, box_trained, snapshot.protocol, notes)
+        prediction = self._replay(first, steps, snapshot, timings, cancel)
 
         regions = []
         visited = [first]
-        queue = [(first, prediction.logits)]
-        while queue:
-            window, logits = queue.pop(0)
+        queue = deque([(first, prediction.logits)])
+        while queue:  # every window queued is mapped back: the limit stops new windows only
+            window, logits = queue.popleft()
+            self._device_step("map_back")
             start = time.perf_counter()
             # window-sized logits, used both to map back and to find the faces the mask touches
             full = F.interpolate(logits.float(), size=(self.window_size,) * 3, mode="trilinear", align_corners=False)[0, 0]
             region, offset = windows.map_back(full, self.prepared, window)
-            if box is not None and not self.model.base.box_prompts:
+            if box is not None and not box_trained:
                 region = self._clip_to_box(region, offset, box)
             regions.append((region, offset))
             timings["map_back"] += (time.perf_counter() - start) * 1e3
             for neighbour, seed in self._neighbours(window, full, visited):
-                if len(visited) >= self.max_windows:
+                if len(visited) >= snapshot.max_windows:
                     notes.append(
-                        f"the object reaches past the window limit (max_windows={self.max_windows}); the mask "
+                        f"the object reaches past the window limit (max_windows={snapshot.max_windows}); the mask "
                         "stops there (raise max_windows to follow it further)"
                     )
-                    queue = []
                     break
                 self._check_cancel(cancel)
                 visited.append(neighbour)
-                seeded = self._seed_prediction(neighbour, seed, points, timings, cancel)
+                seeded = self._seed_prediction(neighbour, seed, points, snapshot, timings, cancel)
                 queue.append((neighbour, seeded.logits))
         for p in points:
             if all(self._in_window(w, p) is None for w in visited):
@@ -276,35 +517,24 @@ class Session:
                 )
         start = time.perf_counter()
         region, offset = _union(regions)
+        result = self._rewrite(
+            region, offset, revision=snapshot.revision, decoders=prediction.decoders, weights=prediction.weights,
+            scores=prediction.scores, windows=[w.start for w in visited], notes=sorted(set(self.notes + notes)))
         timings["map_back"] += (time.perf_counter() - start) * 1e3
-        return SessionResult(
-            region=region,
-            offset=offset,
-            decoders=prediction.decoders,
-            weights=prediction.weights,
-            scores=prediction.scores,
-            windows=[w.start for w in visited],
-            timings_ms={k: round(v, 2) for k, v in timings.items()},
-            notes=sorted(set(self.notes + notes)),
-        )
+        result.timings_ms = {k: round(v, 2) for k, v in timings.items()}
+        return result
 
-    def _prompt_steps(self, window: Window, points: List[Point], box: Optional[Box], notes: List[str]) -> List[tuple]:
+    def _prompt_steps(self, window: Window, points: List[Point], box: Optional[Box], box_trained: bool,
+                      protocol: str, notes: List[str]) -> List[tuple]:
         """One (coords, labels, box) triple per replay step, in window voxel indices."""
         box_window = None
-        if box is not None:
-            # all 8 corners: on an oblique grid two opposite RAS corners are not the extremes
-            lo, hi = box.ras_min, box.ras_max
-            corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-            corners = windows.ras_to_window(self.prepared, window, corners)
-            box_window = (tuple(corners.min(axis=0)), tuple(corners.max(axis=0)))
-            if not self.model.base.box_prompts:
-                notes.append(
-                    "this model has no box prompt; the box is used as a positive point at its centre "
-                    "and the mask is limited to the box"
-                )
-                centre = (np.asarray(box.ras_min) + np.asarray(box.ras_max)) / 2
-                points = [Point(tuple(centre), True)] + points
-                box_window = None
+        if box is not None and box_trained:
+            box_window = self._box_in_window(window, box, notes)
+        elif box is not None:
+            why = ("this model has no box prompt" if not self.model.base.box_prompts
+                   else "this model's box prompt was never trained")
+            notes.append(f"{why}; the box is used as a positive point at its centre and the mask is limited to the box")
+            points = [Point(tuple(box.centre), True)] + points
         coords, labels = [], []
         for p in points:
             c = self._in_window(window, p)
@@ -316,21 +546,32 @@ class Session:
             return [((), (), box_window)]
         steps = []
         for k in range(len(coords)):
-            chosen = slice(k, k + 1) if self.protocol == "newest" else slice(0, k + 1)
+            chosen = slice(k, k + 1) if protocol == "newest" else slice(0, k + 1)
             steps.append((tuple(coords[chosen]), tuple(labels[chosen]), box_window))
         return steps
+
+    def _box_in_window(self, window: Window, box: Box, notes: List[str]) -> Tuple[tuple, tuple]:
+        """The box's corners in window voxel indices, clipped to the window's voxels."""
+        corners = windows.ras_to_window(self.prepared, window, box.corners())
+        lo, hi = corners.min(axis=0), corners.max(axis=0)
+        size = self.window_size
+        if np.any(lo < -0.5) or np.any(hi > size - 0.5):
+            side = size * float(np.min(self.prepared.spacing))
+            notes.append(
+                f"the box is larger than the model's window ({side:.0f} mm a side); only the part inside the "
+                "window around the box's centre was used (draw a smaller box, or use points)"
+            )
+        return tuple(np.clip(lo, 0, size - 1)), tuple(np.clip(hi, 0, size - 1))
 
     def _in_window(self, window: Window, point: Point) -> Optional[np.ndarray]:
         """The point's voxel coordinates in ``window``, or None when it lies outside."""
         c = windows.ras_to_window(self.prepared, window, np.array([point.ras]))[0]
         return None if np.any(c < -0.5) or np.any(c > self.window_size - 0.5) else c
 
-    def _replay(self, window: Window, steps: List[tuple], timings: dict, cancel) -> Prediction:
+    def _replay(self, window: Window, steps: List[tuple], snapshot: _Snapshot, timings: dict, cancel) -> Prediction:
         """Run the steps in ``window``, reusing memoised results of an unchanged prefix."""
         embedding = self._embedding(window, timings, cancel)
-        model = self.model
-        key = (window.start, self.expert, self.protocol, model.tau, model.selector, tuple(model.expert_names))
-        memo = self._steps.setdefault(key, [])
+        memo = self._cache.steps(window.start, snapshot.settings)
         keep = 0
         while keep < min(len(memo), len(steps)) and memo[keep][0] == steps[keep]:
             keep += 1
@@ -338,11 +579,14 @@ class Session:
         for k in range(keep, len(steps)):
             self._check_cancel(cancel)
             mask = memo[k - 1][1].logits if k else torch.zeros((1, 1) + self._lowres, dtype=self.dtype, device=self.device)
-            memo.append((steps[k], self._decode(embedding, steps[k], mask, timings)))
+            memo.append((steps[k], self._decode(embedding, steps[k], mask, snapshot, timings)))
+        self._cache.trim(keep=window.start)
         return memo[-1][1]
 
-    def _decode(self, embedding: torch.Tensor, step: tuple, mask: torch.Tensor, timings: dict) -> Prediction:
+    def _decode(self, embedding: torch.Tensor, step: tuple, mask: torch.Tensor, snapshot: _Snapshot,
+                timings: dict) -> Prediction:
         coords, labels, box = step
+        self._device_step("decode")
         start = time.perf_counter()
         points = None
         if coords:
@@ -355,25 +599,34 @@ class Session:
             boxes = torch.tensor(np.stack(box)[None], dtype=self.dtype, device=self.device)
         with torch.inference_mode():
             prediction = self.model.predict(embedding, points=points, boxes=boxes,
-                                            mask_logits=mask.to(self.device, self.dtype), expert=self.expert)
+                                            mask_logits=mask.to(self.device, self.dtype), expert=snapshot.expert,
+                                            tau=snapshot.tau, selector=snapshot.selector)
         timings["decode"] += (time.perf_counter() - start) * 1e3
         return prediction
 
     def _embedding(self, window: Window, timings: dict, cancel) -> torch.Tensor:
-        cached = self._embeddings.get(window.start)
+        cached = self._cache.embedding(window.start)
         if cached is not None:
-            self._embeddings.move_to_end(window.start)
             return cached
         self._check_cancel(cancel)
+        self._device_step("encode")
         start = time.perf_counter()
         image = windows.extract_window_tensor(self.prepared, window, self.device)[None, None].to(self.dtype)
         with torch.inference_mode():
             embedding = self.model.encode(image)
         timings["encode"] += (time.perf_counter() - start) * 1e3
-        self._embeddings[window.start] = embedding
-        while len(self._embeddings) > 1 and sum(e.numel() * e.element_size() for e in self._embeddings.values()) > self.cache_bytes:
-            self._embeddings.popitem(last=False)
+        self._cache.put_embedding(window.start, embedding)
         return embedding
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes the session's cache holds on its device (embeddings and memoised click steps);
+        kept within ``memory_budget_bytes`` (see :mod:`.session_cache`)."""
+        return self._cache.nbytes
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return self._cache.budget_bytes
 
     # ------------------------------------------------------------------ windows beyond the first
     def _neighbours(self, window: Window, full: torch.Tensor, used: List[Window]):
@@ -399,7 +652,7 @@ class Session:
                 yield neighbour, (window, full)
 
     def _seed_prediction(self, window: Window, seed: Tuple[Window, torch.Tensor], points: List[Point],
-                         timings: dict, cancel) -> Prediction:
+                         snapshot: _Snapshot, timings: dict, cancel) -> Prediction:
         """Predict in a neighbouring window from the previous window's mask: its logits moved
         into this window as the mask prompt, a positive point at the mask's centre in the
         overlap, and the user's points that lie in this window (so a click can correct it)."""
@@ -422,7 +675,7 @@ class Session:
                 labels.append(1 if p.positive else 0)
         step = (tuple(coords), tuple(labels), None)
         embedding = self._embedding(window, timings, cancel)
-        return self._decode(embedding, step, mask_prompt.to(self.dtype), timings)
+        return self._decode(embedding, step, mask_prompt.to(self.dtype), snapshot, timings)
 
     def _clip_to_box(self, region: np.ndarray, offset, box: Box) -> np.ndarray:
         """Limit a region to the voxels whose centres lie in the RAS box (one float32 plane of
@@ -441,6 +694,18 @@ class Session:
     def _check_cancel(cancel: Optional[threading.Event]) -> None:
         if cancel is not None and cancel.is_set():
             raise CancelledError("the segmentation was cancelled")
+
+
+def _bbox(mask: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """[lo, hi) index box of the True voxels of a 3D mask, or None when none is set."""
+    if not mask.any():
+        return None
+    lo, hi = [], []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo.append(hit[0])
+        hi.append(hit[-1] + 1)
+    return np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
 
 
 def _union(regions: List[Tuple[np.ndarray, Tuple[int, int, int]]]) -> Tuple[np.ndarray, Tuple[int, int, int]]:

@@ -1,5 +1,7 @@
 """Checks that need a CUDA GPU. Skipped on CPU-only machines (CI has no GPU); run them on a
-machine with one: ``python -m pytest Testing/test_gpu.py``."""
+machine with one: ``python -m pytest Testing/test_gpu.py``. The CPU stand-ins for the
+out-of-memory fallback (errors injected through ``Session.device_step_hook``) are in
+test_session_sharing.py; here the GPU really runs out of memory."""
 
 from __future__ import annotations
 
@@ -39,18 +41,54 @@ def test_half_precision_encoder_is_close_to_literal(dtype):
     assert (fast - literal).abs().max() <= 0.1 * literal.abs().max()
 
 
-def test_out_of_memory_falls_back_to_cpu(data_dir):
-    volume = volume_io.load_volume(data_dir / "example_ct_sm.nii.gz")
-    session = Session(volume, SamMed3DMoE(build_sam_med3d()), device="cuda", max_windows=1)
-    session.add_point(volume.ijk_to_ras(np.array([[60.0, 50.0, 15.0]]))[0])
+@pytest.fixture(scope="module")
+def volume(data_dir):
+    return volume_io.load_volume(data_dir / "example_ct_sm.nii.gz")
+
+
+def _click(volume):
+    return volume.ijk_to_ras(np.array([[60.0, 50.0, 15.0]]))[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_out_of_memory_falls_back_to_cpu_without_touching_the_shared_model(volume, dtype):
+    shared = SamMed3DMoE(build_sam_med3d()).cuda().to(dtype)
+    failing, other = (Session(volume, shared, device="cuda", max_windows=1) for _ in range(2))
+    for session in (failing, other):
+        session.add_point(_click(volume))
+    assert not failing.owns_model and failing.model is shared
     hog = []
     try:  # take (almost) all free GPU memory so that encoding cannot allocate
         while True:
             hog.append(torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda"))
     except torch.cuda.OutOfMemoryError:
         pass
-    with pytest.warns(UserWarning, match="out of memory"):
-        result = session.predict()
-    del hog
-    assert session.device.type == "cpu"
+    try:
+        with pytest.warns(UserWarning, match="out of memory"):
+            result = failing.predict()
+    finally:
+        del hog
+    assert failing.device.type == "cpu" and failing.dtype == torch.float32 and failing.owns_model
     assert any("out of memory" in note for note in result.notes)
+    assert {(p.device.type, p.dtype) for p in shared.parameters()} == {("cuda", dtype)}
+    assert other.predict().region.shape == result.region.shape  # the other session still runs on the GPU
+    assert other.device.type == "cuda" and other.model is shared
+
+
+def test_a_session_on_the_gpu_stays_within_its_memory_budget(volume):
+    """The cache (embeddings + click steps) is counted on the GPU; the allocator agrees."""
+    model = SamMed3DMoE(build_sam_med3d()).cuda()
+    one_window = 384 * 8 ** 3 * 4 + 3 * (32 ** 3 * 4 + 4)
+    session = Session(volume, model, device="cuda", max_windows=1, memory_budget_bytes=2 * one_window)
+    session.add_point(_click(volume))
+    session.predict()  # the volume's GPU copy now exists
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated() - session.cached_bytes
+    for ijk in [(20, 20, 10), (100, 80, 20), (60, 20, 25), (20, 80, 5)]:
+        session.start_new_segment()
+        session.add_point(volume.ijk_to_ras(np.array([ijk], dtype=float))[0])
+        session.add_point(volume.ijk_to_ras(np.array([ijk], dtype=float) + 2)[0], positive=False)
+        session.predict()
+        torch.cuda.synchronize()
+        assert session.cached_bytes <= session.memory_budget_bytes
+        assert torch.cuda.memory_allocated() - baseline <= session.memory_budget_bytes + 2 ** 20

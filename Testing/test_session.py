@@ -100,18 +100,23 @@ def test_undo_remove_and_reset(ct):
     negative = session.add_point(_centre_ras(ct, (62, 52, 15)), positive=False)
     session.remove_prompt(negative)
     assert np.array_equal(session.predict().region, one)
-    session.reset()
-    with pytest.raises(SAMMed3DError, match="positive point"):
-        session.predict()
-    assert session.undo() and len(session.prompts) == 1
+    revision = session.revision
+    cleared = session.reset()
+    assert cleared.empty and cleared.revision == session.revision == revision + 1
+    assert session.prompts == []
+    nothing = session.predict()
+    assert nothing.empty and any("no prompts" in note for note in nothing.notes)
+    assert session.undo() and len(session.prompts) == 1 and session.revision == revision + 2
     with pytest.raises(SAMMed3DError, match="no prompt with id"):
         session.remove_prompt(999)
 
 
 def test_bad_prompts_are_explained(ct):
     session = Session(ct, tiny_moe(), device="cpu")
-    with pytest.raises(SAMMed3DError, match="outside the volume"):
+    with pytest.raises(SAMMed3DError, match="outside the image"):
         session.add_point(_centre_ras(ct) + np.array([0, 0, 500.0]))
+    with pytest.raises(SAMMed3DError, match="outside the image"):
+        session.add_point_ijk((60, 50, ct.shape[2]))
     session.add_point(_centre_ras(ct), positive=False)
     with pytest.raises(SAMMed3DError, match="only negative"):
         session.predict()
@@ -183,6 +188,49 @@ def test_box_prompt_reaches_a_box_model(ct):
     result = session.predict()
     assert seen and seen[-1] is not None and seen[-1].shape == (1, 2, 3)
     assert not any("box" in note for note in result.notes)
+
+
+def test_a_box_with_untrained_embeddings_is_a_centre_click(ct):
+    moe = tiny_moe(box_prompts_trained=False)
+    seen = []
+    moe.base.prompt_encoder.register_forward_hook(lambda _m, _a, kwargs, _o: seen.append(kwargs), with_kwargs=True)
+    session = Session(ct, moe, device="cpu", max_windows=1)
+    lo, hi = _centre_ras(ct, (50, 40, 10)), _centre_ras(ct, (70, 60, 20))
+    session.set_box(lo, hi)
+    result = session.predict()
+    assert any("never trained" in note and "centre" in note for note in result.notes)
+    assert seen[0]["boxes"] is None and seen[0]["points"][1].tolist() == [[1]]
+    window = windows.window_for_box(session.prepared, np.minimum(lo, hi), np.maximum(lo, hi), 64)
+    centre = windows.ras_to_window(session.prepared, window, ((lo + hi) / 2)[None])[0]
+    np.testing.assert_allclose(seen[0]["points"][0][0, 0].numpy(), centre, atol=1e-4)
+
+
+def test_a_box_larger_than_the_window_is_clipped_with_a_note(ct):
+    moe = tiny_moe()
+    seen = []
+    moe.base.prompt_encoder.register_forward_hook(lambda _m, _a, kwargs, _o: seen.append(kwargs["boxes"]), with_kwargs=True)
+    session = Session(ct, moe, device="cpu", max_windows=1)
+    session.set_box(_centre_ras(ct, (5, 5, 2)), _centre_ras(ct, (115, 95, 35)))  # 330 x 270 x 99 mm
+    result = session.predict()
+    assert any("larger than the model's window" in note for note in result.notes)
+    corners = seen[-1][0].numpy()
+    assert corners.min() >= 0 and corners.max() <= 63
+    assert np.allclose(corners[0, :2], 0) and np.allclose(corners[1, :2], 63), "clipped to the window's edge voxels"
+
+
+def test_prompt_rules_live_in_one_place(ct):
+    from SAMMed3DMoELib import prompts
+
+    with pytest.raises(SAMMed3DError, match="zero extent along S"):
+        prompts.box_from_corners(ct, [0, 0, 0], [20, 20, 1.0])  # thinner than the 3 mm voxels
+    box = prompts.box_from_corners(ct, [20, 20, 9], [0, 0, 0])
+    assert box.ras_min == (0, 0, 0) and box.ras_max == (20, 20, 9)
+    edge = ct.ijk_to_ras(np.array([[ct.shape[0] - 0.5, 0, 0]]))[0]
+    np.testing.assert_allclose(prompts.point_on_volume(ct, edge), [ct.shape[0] - 0.5, 0, 0], atol=1e-6)
+    with pytest.raises(SAMMed3DError, match="outside the image, which spans R"):
+        prompts.point_on_volume(ct, edge + ct.affine[:3, 0] * 0.01)
+    with pytest.raises(SAMMed3DError, match="within 0..121"):
+        prompts.ijk_on_volume(ct, (122, 0, 0))
 
 
 def test_worker_supersedes_stale_jobs_and_cancels():
@@ -270,17 +318,50 @@ def test_worker_cancel_all_cancels_every_queued_job():
         worker.shutdown()
 
 
-def test_embedding_cache_is_capped(ct):
+def _tally(session) -> int:
+    """Bytes of every tensor in the session's cache, counted from its entries."""
+    total = 0
+    for entry in session._cache._windows.values():
+        if entry.embedding is not None:
+            total += entry.embedding.nbytes
+        total += sum(p.logits.nbytes + p.iou.nbytes for memo in entry.steps.values() for _, p in memo)
+    return total
+
+
+def test_one_memory_budget_holds_embeddings_and_click_steps_over_a_long_session(ct):
     moe = tiny_moe()
-    one = 48 * 4 ** 3 * 4  # bytes of one tiny embedding (48 x 4³ float32)
-    session = Session(ct, moe, device="cpu", max_windows=1, cache_bytes=2 * one)
+    embedding = 48 * 4 ** 3 * 4  # one tiny embedding: 48 x 4³ float32
+    step = 16 ** 3 * 4 + 4  # one memoised click: 16³ float32 logits + the IoU prediction
+    budget = 3 * (embedding + 3 * step)
+    session = Session(ct, moe, device="cpu", max_windows=1, memory_budget_bytes=budget)
     encodes = _counter(moe.base.image_encoder)
-    for ijk in [(20, 20, 10), (60, 50, 15), (100, 80, 20), (20, 20, 10)]:
-        session.reset()
-        session.add_point(_centre_ras(ct, ijk))
+    centres = [(i, j, 15) for i in (20, 60, 100) for j in (20, 50, 80)] + [(20, 20, 15)]
+    for n, centre in enumerate(centres):
+        session.start_new_segment()
+        session.add_point(_centre_ras(ct, centre))
+        for dk in (2, -2):
+            session.add_point(_centre_ras(ct, (centre[0], centre[1], 15 + dk)), positive=False)
+            session.predict()
+            assert session.cached_bytes == _tally(session) <= budget
+        assert len(session._cache.windows) <= 3
+    assert session.cached_bytes >= 2 * (embedding + 3 * step), "the cache is used, not emptied"
+    assert len(encodes) == len(centres), "each window encoded once per visit; the first was evicted and re-encoded"
+    session.close()
+    assert session.cached_bytes == 0
+    with pytest.raises(SAMMed3DError, match="closed"):
         session.predict()
-    assert len(session._embeddings) == 2
-    assert len(encodes) == 4, "the first window was evicted (least recently used) and encoded again"
+
+
+def test_clicks_in_a_cached_window_reuse_its_steps_within_the_budget(ct):
+    moe = tiny_moe()
+    session = Session(ct, moe, device="cpu", max_windows=1)
+    prompt_encodes = _counter(moe.base.prompt_encoder)
+    session.add_point(_centre_ras(ct))
+    for k in range(5):
+        session.add_point(_centre_ras(ct, (60, 50 + k, 13)), positive=False)
+        session.predict()
+    assert len(prompt_encodes) == 6, "each click decoded once"
+    assert session.cached_bytes == _tally(session) <= session.memory_budget_bytes
 
 
 def test_changing_the_mixture_settings_invalidates_memoised_steps(ct):
@@ -292,8 +373,34 @@ def test_changing_the_mixture_settings_invalidates_memoised_steps(ct):
     session = Session(ct, moe, device="cpu", max_windows=1)
     session.add_point(_centre_ras(ct))
     assert session.predict().decoders == ["general"]
-    moe.tau = 0.1
+    moe.tau = 0.1  # a session without its own tau follows the model's
     assert session.predict().decoders == ["general", "expert2"]
+
+
+def test_expert_tau_and_selector_are_per_session(ct):
+    moe = tiny_moe()
+    with torch.no_grad():
+        moe.gate.fc2.weight.zero_()
+        moe.gate.fc2.bias.copy_(torch.tensor([0.0, -5.0, 0.5]))
+    moe.tau = 0.9
+    own, other = (Session(ct, moe, device="cpu", max_windows=1) for _ in range(2))
+    for session in (own, other):
+        session.add_point(_centre_ras(ct))
+    own.tau = 0.1
+    own.selector = "average"
+    assert own.predict().weights == {"general": 0.5, "expert2": 0.5}
+    assert other.predict().decoders == ["general"]
+    assert moe.tau == 0.9 and moe.selector == "paper" and other.tau == 0.9
+    own.expert = "expert1"
+    assert own.predict().decoders == ["expert1"]
+    own.tau = None
+    assert own.tau == 0.9
+    with pytest.raises(SAMMed3DError, match="no expert named 'liver'"):
+        own.expert = "liver"
+    with pytest.raises(SAMMed3DError, match="between 0 and 1"):
+        own.tau = 2
+    with pytest.raises(SAMMed3DError, match="unknown selector"):
+        own.selector = "vote"
 
 
 def test_user_points_reach_the_neighbouring_windows(ct):
@@ -322,3 +429,5 @@ def test_malformed_prompts_are_explained(ct):
         session.add_point([1.0, 2.0])
     with pytest.raises(SAMMed3DError, match="three finite coordinates"):
         session.set_box([1, 2], [3, 4, 5])
+    with pytest.raises(SAMMed3DError, match="three finite voxel indices"):
+        session.add_point_ijk([1, 2])

@@ -25,7 +25,9 @@ def tiny_sam(seed: int = 0, box_prompts: bool = True) -> SamMed3D:
     return model
 
 
-def tiny_moe(num_experts: int = 2, seed: int = 0, tau: float = 0.5, selector: str = "paper") -> SamMed3DMoE:
+def tiny_moe(num_experts: int = 2, seed: int = 0, tau: float = 0.5, selector: str = "paper",
+             box_prompts_trained: bool = True) -> SamMed3DMoE:
+    """tiny_sam plus experts and a gate; its box embeddings count as trained unless told."""
     base = tiny_sam(seed)
     experts = {}
     for i in range(num_experts):
@@ -34,7 +36,8 @@ def tiny_moe(num_experts: int = 2, seed: int = 0, tau: float = 0.5, selector: st
     torch.manual_seed(seed + 1000)
     gate = GatingNetwork(embed_dim=48, num_experts=num_experts, num_heads=4, mlp_dim=32, hidden_dim=16)
     info = {name: ExpertInfo(name, targets=[f"organ{i}"], modality="CT") for i, name in enumerate(experts)}
-    return SamMed3DMoE(base, experts, gate, info, tau=tau, selector=selector).eval()
+    return SamMed3DMoE(base, experts, gate, info, tau=tau, selector=selector,
+                       box_prompts_trained=box_prompts_trained).eval()
 
 
 def constant_mask_decoder(decoder, logit: float):
