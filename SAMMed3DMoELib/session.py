@@ -698,14 +698,14 @@ class Session:
 
 def _bbox(mask: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """[lo, hi) index box of the True voxels of a 3D mask, or None when none is set."""
-    if not mask.any():
+    plane = mask.any(axis=2)  # one pass over the mask; the last axis is then searched in the box only
+    if not plane.any():
         return None
-    lo, hi = [], []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo.append(hit[0])
-        hi.append(hit[-1] + 1)
-    return np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
+    i = np.flatnonzero(plane.any(axis=1))
+    j = np.flatnonzero(plane.any(axis=0))
+    k = np.flatnonzero(mask[i[0]:i[-1] + 1, j[0]:j[-1] + 1].any(axis=(0, 1)))
+    return (np.array([i[0], j[0], k[0]], dtype=np.int64),
+            np.array([i[-1] + 1, j[-1] + 1, k[-1] + 1], dtype=np.int64))
 
 
 def _union(regions: List[Tuple[np.ndarray, Tuple[int, int, int]]]) -> Tuple[np.ndarray, Tuple[int, int, int]]:
