@@ -168,7 +168,7 @@ def main() -> None:
                 value = ", ".join(f"{k} {v:.0f}" for k, v in value.items())
             elif "speed-up" in key:
                 value = f"{value:.2f}x"
-            elif "cache" in key:
+            elif key.startswith("session cache"):
                 value = f"{value:.1f}"
             else:
                 value = f"{value:.0f}"
