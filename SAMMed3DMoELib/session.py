@@ -177,7 +177,6 @@ class Session:
             model = SamMed3DMoE(model)
         self._source = model
         self.device = resolve_device(select_device(device))
-        self._use_model(self.device, dtype=None)
         self.protocol = protocol
         self.max_windows = int(max_windows)
         self.cpu_fallback = cpu_fallback
@@ -198,6 +197,7 @@ class Session:
         self.prepared: PreparedVolume = geometry.prepare_volume(
             volume, spacing=pre["spacing_mm"], modality=modality, ct_clamp=pre["ct_clamp"])
         self.prepare_ms = (time.perf_counter() - start) * 1e3
+        self._use_model(self.device, dtype=None)
         self._lock = threading.RLock()  # prompts, revision, settings, written extent
         self._predicting = threading.Lock()  # one prediction at a time (it owns the cache)
         self._prompts: List[Tuple[int, object]] = []
