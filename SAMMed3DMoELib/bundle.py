@@ -184,6 +184,12 @@ def _validate_config(raw: Any, folder: Path) -> dict:
     else:
         out["base"] = {"hub": _validate_hub_pointer(c.field(base, "hub", dict, "base."), c, "base.hub."),
                        "model_config": model_config}
+    # Whether the box-prompt embeddings were trained (the CVPR25 line's were not): untrained ones
+    # are never used; a box then becomes a centre click (see SamMed3DMoE.box_prompts_trained).
+    box_trained = c.field(base, "box_prompts_trained", bool, "base.", default=False)
+    c.require(not box_trained or model_config["box_prompts"],
+              "'base.box_prompts_trained' is true but the base model has no box prompts (model_config.box_prompts)")
+    out["base"]["box_prompts_trained"] = box_trained
 
     experts_raw = c.field(raw, "experts", list, "")
     experts = []
@@ -391,6 +397,7 @@ def load_bundle(folder: PathLike, *, device: Union[str, torch.device, None] = "c
     base = _load_base(folder, config, progress=progress, cancel=cancel)
     experts, gate, info = _load_experts_and_gate(folder, config)
     moe = SamMed3DMoE(base, experts, gate, info, tau=config["tau"], selector=config["selector"],
+                      box_prompts_trained=config["base"]["box_prompts_trained"],
                       preprocessing=config["preprocessing"])
     return moe.to(target).eval()
 
@@ -523,7 +530,8 @@ def _write_bundle(folder: Path, moe: SamMed3DMoE, *, model_config: dict, preproc
         base_entry = {"file": BASE_FILE, "sha256": None}
     elif base_entry is None:
         raise ValueError("_write_bundle needs base_state or base_entry")
-    base_entry = {**{k: v for k, v in base_entry.items() if k != "model_config"}, "model_config": model_config}
+    base_entry = {**{k: v for k, v in base_entry.items() if k not in ("model_config", "box_prompts_trained")},
+                  "model_config": model_config, "box_prompts_trained": bool(moe.box_prompts_trained)}
     expert_entries = []
     for name, decoder in moe.experts.items():
         info = moe.expert_info.get(name) or ExpertInfo(name)
@@ -746,4 +754,5 @@ def _bundle_without_base_weights(folder: Path, config: dict) -> SamMed3DMoE:
     with torch.device("meta"):
         base = build_sam_med3d(box_prompts=box_prompts, **model_config)
     experts, gate, info = _load_experts_and_gate(folder, config)
-    return SamMed3DMoE(base, experts, gate, info, tau=config["tau"], selector=config["selector"])
+    return SamMed3DMoE(base, experts, gate, info, tau=config["tau"], selector=config["selector"],
+                       box_prompts_trained=config["base"]["box_prompts_trained"])

@@ -97,10 +97,24 @@ def test_bundle_keeps_preprocessing_and_settings(tmp_path):
     loaded = B.load_bundle(folder)
     assert (loaded.tau, loaded.selector) == (0.3, "renormalized")
 
+    assert loaded.box_prompts_trained is True, "tiny_moe's box embeddings count as trained"
+    untrained = tiny_moe(num_experts=1, box_prompts_trained=False)
+    assert B.load_bundle(B.save_bundle(untrained, tmp_path / "u")).box_prompts_trained is False
+
     default = B.read_bundle_config(B.save_bundle(moe, tmp_path / "d"))["preprocessing"]
     assert default == {**B.DEFAULT_PREPROCESSING, "window": moe.base.img_size}
     with pytest.raises(SAMMed3DError, match="spacing_mm"):
         B.save_bundle(moe, tmp_path / "bad", preprocessing={"spacing_mm": -1})
+
+
+def test_bundle_records_whether_box_prompts_were_trained(tmp_path):
+    """The session sends boxes as real prompts only to a model whose box embeddings were trained;
+    the flag survives a save/load round trip and an expert edit."""
+    folder = B.save_bundle(tiny_moe(num_experts=1, box_prompts_trained=True), tmp_path / "b")
+    assert B.read_bundle_config(folder)["base"]["box_prompts_trained"] is True
+    assert B.load_bundle(folder).box_prompts_trained is True
+    B.remove_expert_from_bundle(folder, "expert1")
+    assert B.load_bundle(folder).box_prompts_trained is True
 
 
 def test_edited_expert_file_is_refused_by_name(bundle):
@@ -157,6 +171,9 @@ def _set(path, value):
     (_set(["base", "model_config", "img_size"], "big"), "img_size' must be an integer"),
     (_set(["base", "model_config", "depth"], 3), "unknown field"),
     (lambda c: c["base"].update(hub={"repo_id": "a/b", "filename": "m.pth"}), "not both"),
+    (_set(["base", "box_prompts_trained"], "yes"), "'base.box_prompts_trained' must be"),
+    (lambda c: c["base"].update(box_prompts_trained=True) or c["base"]["model_config"].update(box_prompts=False),
+     "has no box prompts"),
 ])
 def test_invalid_configs_are_refused_with_the_field_named(bundle, change, message):
     _, folder = bundle

@@ -100,14 +100,17 @@ def _report(exc: SAMMed3DError, label: str, debug: bool) -> int:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """True when ``exc`` or what it was raised from is a memory error (PyTorch's OutOfMemoryError,
-    which covers CUDA, or Python's MemoryError), however it was wrapped on the way out."""
-    torch = sys.modules.get("torch")  # loaded by any command that ran a model
-    torch_oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    """True when ``exc`` or what it was raised from is an allocation failure on any device (the one
+    rule, :func:`SAMMed3DMoELib.device.is_out_of_memory`), however it was wrapped on the way out."""
+    if "torch" in sys.modules:  # loaded by any command that ran a model; --help stays light
+        from ..device import is_out_of_memory
+    else:
+        def is_out_of_memory(e: BaseException) -> bool:
+            return isinstance(e, MemoryError)
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (MemoryError, OutOfMemoryError)) or (torch_oom is not None and isinstance(exc, torch_oom)):
+        if isinstance(exc, OutOfMemoryError) or is_out_of_memory(exc):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
