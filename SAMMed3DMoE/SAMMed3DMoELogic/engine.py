@@ -114,12 +114,9 @@ class EngineSession:
         self.closed = False
 
     def configure(self, expert: str = AUTO, tau: Optional[float] = None) -> None:
+        """The session's expert choice and τ (per session: a shared model is never changed)."""
         self.session.expert = expert
-        if tau is not None:
-            if hasattr(self.session, "tau"):
-                self.session.tau = float(tau)
-            else:  # engines before per-session tau: the mixture's own setting (the worker owns the model)
-                self.session.model.tau = float(tau)
+        self.session.tau = None if tau is None else float(tau)
 
     def sync(self, prompts: Prompts) -> None:
         """Make the session's prompts equal ``prompts`` (removed and moved ones replaced)."""
