@@ -11,6 +11,7 @@ from typing import List, Sequence, Tuple
 from .. import __version__
 from ..errors import SAMMed3DError
 from ..sample_data import SAMPLE_DATA_DIR
+from . import evaluate as eval_command
 from .demo import cmd_demo
 from .models import cmd_catalog, cmd_convert, cmd_download, cmd_info
 from .segment import cmd_segment
@@ -263,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for PyTorch")
     demo.add_argument("--json", action="store_true", help="print a machine-readable summary (JSON) on stdout")
     demo.set_defaults(func=cmd_demo)
+    # ---------------------------------------------------------------- eval
+    eval_command.register(sub, parents=[common, catalog_opt, consent])
 
     return parser
 
