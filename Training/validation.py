@@ -1,0 +1,37 @@
+"""Prompting options shared by the scripts, and validation sharded over the ranks."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from .data import CropDataset
+from .distributed import DistContext, all_reduce_sum
+
+
+def add_prompt_arguments(parser, *, box_prob: float = 0.0, iterations: int = 11, mask_only: int = 2) -> None:
+    g = parser.add_argument_group("prompting (official recipe: 11 iterations, 2 of them mask-only)")
+    g.add_argument("--iterations", type=int, default=iterations, help="prompt iterations per sample")
+    g.add_argument("--mask-only-iterations", type=int, default=mask_only,
+                   help="iterations without a click (the last, then random ones from 2..n-2)")
+    g.add_argument("--box-prob", type=float, default=box_prob,
+                   help="probability that a step prompts with a box around the target (needs box prompts)")
+    g.add_argument("--val-clicks", type=int, default=5, help="validation score: mean Dice over clicks 1..N")
+
+
+@torch.no_grad()
+def validation_score(data: CropDataset, run_batch: Callable[[Dict[str, torch.Tensor]], List[List[float]]],
+                     ctx: DistContext, batch_size: int) -> float:
+    """Mean of the per-click Dice values ``run_batch(batch) -> [click][sample]`` over the
+    validation samples, each rank taking every world_size-th sample."""
+    shard = Subset(data, list(range(ctx.rank, len(data), ctx.world_size)))
+    total, count = 0.0, 0
+    for batch in DataLoader(shard, batch_size=max(1, batch_size), num_workers=0):
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        for per_click in run_batch(batch):
+            total += sum(per_click)
+            count += len(per_click)
+    total, count = all_reduce_sum(ctx, [total, float(count)])
+    return total / max(count, 1.0)
