@@ -114,9 +114,8 @@ def bounding_boxes(target: Tensor, jitter: Optional[Tensor] = None) -> Tensor:
     if jitter is not None:
         box = box + jitter.to(box)
         limit = torch.tensor(spatial, dtype=box.dtype, device=box.device) - 0.5
-        lo = torch.minimum(box[:, 0], box[:, 1]).clamp(min=-0.5)
-        hi = torch.maximum(box[:, 0], box[:, 1])
-        hi = torch.minimum(hi, limit.expand_as(hi))
+        lo = torch.minimum(torch.minimum(box[:, 0], box[:, 1]).clamp(min=-0.5), limit - 1.0)
+        hi = torch.minimum(torch.maximum(box[:, 0], box[:, 1]), limit.expand_as(lo))
         box = torch.stack([lo, torch.maximum(hi, lo + 1.0)], dim=1)
     return box
 

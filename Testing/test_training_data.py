@@ -1,0 +1,114 @@
+"""Training data on the real sample scans: physical-space label alignment (the DICOM slab), the
+nnU-Net conversion, the preprocessing cache, and samples that do not depend on workers or ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from SAMMed3DMoELib import geometry
+from SAMMed3DMoELib.evaluation import label_on_grid, load_case, read_dataset
+from SAMMed3DMoELib.volume_io import load_volume
+from Training.data import Augmentation, CropDataset, EpochSampler, Preprocessing, PreparedCases, build_items
+from training_helpers import converted_datasets
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory, data_dir):
+    return converted_datasets(tmp_path_factory.getbasetemp(), data_dir)
+
+
+def test_dicom_slab_labels_are_aligned_in_physical_space_not_by_index(data_dir, datasets):
+    image = load_volume(data_dir / "ct_dicom")
+    stored = load_volume(data_dir / "ct_dicom_seg.nii.gz")
+    assert stored.shape == image.shape  # same array shape: an index-based loader would accept it
+    aligned = label_on_grid(stored, image)
+    # The segmentation's row axis runs the other way (LAS vs the series' LPS): aligned = flipped.
+    assert np.array_equal(aligned, np.flip(stored.array, axis=1))
+    names = {v["name"]: int(k) for k, v in json.loads((data_dir / "ct_dicom_seg_labels.json").read_text()).items()}
+    hu = image.array.astype(np.float64)
+    for organ in ("liver", "spleen"):  # soft tissue: tens of HU when aligned; air and fat by index
+        assert 20 < hu[aligned == names[organ]].mean() < 200
+        assert hu[stored.array == names[organ]].mean() < -50
+    assert hu[aligned == names["vertebrae_T12"]].mean() > 150  # bone
+    # The converted dataset stores the aligned label on the image's grid, and reads back the same.
+    converted_image, converted_label = load_case(read_dataset(datasets["Dataset503_CTSlab"]).cases[0])
+    assert np.allclose(converted_image.affine, image.affine) and np.array_equal(converted_label, aligned)
+
+
+def test_conversion_keeps_names_modality_and_geometry(data_dir, datasets):
+    mr = read_dataset(datasets["Dataset502_ExampleMR"])
+    assert mr.modality == "MR" and "liver" in mr.labels.values()
+    ct = read_dataset(datasets["Dataset501_ExampleCT"])
+    assert ct.modality == "CT" and len(ct.labels) == 61
+    image, label = load_case(ct.cases[0])
+    original = load_volume(data_dir / "example_ct_seg.nii.gz")
+    assert np.allclose(image.affine, original.affine) and np.array_equal(label, original.array)
+
+
+def test_prepared_cases_are_computed_once_and_keyed_by_file_and_settings(tmp_path, datasets):
+    info = read_dataset(datasets["Dataset501_ExampleCT"])
+    pre = Preprocessing(3.0, 32)
+    cases = PreparedCases([info], pre, tmp_path)
+    first = cases.get(0)
+    files = sorted(tmp_path.glob("*.pt"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again = PreparedCases([info], pre, tmp_path).get(0)
+    assert sorted(tmp_path.glob("*.pt")) == files and files[0].stat().st_mtime_ns == stamp  # read, not redone
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["label"], again["label"])
+    # It is the engine's own preprocessing.
+    image, label = load_case(info.cases[0])
+    prepared = geometry.prepare_volume(image, spacing=3.0, modality="CT")
+    assert np.array_equal(first["image"].numpy(), prepared.array)
+    assert np.array_equal(first["label"].numpy(), geometry.prepare_label(label, image, prepared))
+    PreparedCases([info], Preprocessing(4.0, 32), tmp_path).get(0)  # another spacing: another entry
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def _dataset(datasets, cache, **kwargs):
+    pre = Preprocessing(3.0, 32)
+    cases = PreparedCases([read_dataset(datasets["Dataset501_ExampleCT"])], pre, cache)
+    items = build_items(cases, ["liver", "spleen", "aorta", "kidney_left"])
+    return CropDataset(cases, items, pre, seed=3, iterations=4, **kwargs)
+
+
+def test_samples_depend_on_seed_item_and_epoch_only(tmp_path, datasets):
+    data = _dataset(datasets, tmp_path)
+    a, b = data[(1, 0)], data[(1, 0)]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["image"], data[(1, 1)]["image"])  # a new crop every epoch
+    assert a["image"].shape == (1, 32, 32, 32) and set(a["target"].unique().tolist()) <= {0.0, 1.0}
+    assert a["target"].sum() > 0
+    fixed = _dataset(datasets, tmp_path, fixed_crops=2)
+    assert torch.equal(fixed[(1, 0)]["image"], fixed[(1, 2)]["image"])  # crop e mod 2
+    assert not torch.equal(fixed[(1, 0)]["click_u"], fixed[(1, 2)]["click_u"])  # new clicks each epoch
+    plain = _dataset(datasets, tmp_path, augment=Augmentation.none())[(0, 0)]
+    centre = plain["target"][0, 16, 16, 16]
+    assert centre == 1  # no jitter: the window is centred on a target voxel, like a session's first click
+
+
+def test_workers_and_ranks_see_the_same_samples(tmp_path, datasets):
+    data = _dataset(datasets, tmp_path)
+
+    def batches(rank, world, workers):
+        sampler = EpochSampler(len(data), rank, world, seed=5)
+        sampler.set_position(epoch=1)
+        return list(DataLoader(data, batch_size=1, sampler=sampler, num_workers=workers,
+                               multiprocessing_context="fork" if workers and os.name == "posix" else None))
+
+    alone = batches(0, 1, 0)
+    with_workers = batches(0, 1, 2)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(alone, with_workers))
+    rank0, rank1 = batches(0, 2, 0), batches(1, 2, 0)
+    interleaved = [b for pair in zip(rank0, rank1) for b in pair]
+    assert [int(b["item"]) for b in interleaved] == [int(b["item"]) for b in alone]
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(interleaved, alone))
+    sampler = EpochSampler(len(data), 0, 1, seed=5)
+    sampler.set_position(epoch=1, skip=2)
+    assert [i for i, _ in sampler] == [int(b["item"]) for b in alone][2:]
