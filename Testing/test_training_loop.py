@@ -20,7 +20,7 @@ from training_helpers import TINY_RUN, checkpoint_model, converted_datasets, tra
 def _args(tmp_path_factory, data_dir, out, *extra):
     data = converted_datasets(tmp_path_factory.getbasetemp(), data_dir)
     cache = tmp_path_factory.getbasetemp() / "prepared"
-    return ["--data", str(data["Dataset501_ExampleCT"]), "--cache-dir", str(cache), "--model-size", "tiny",
+    return ["--data", str(data["Dataset501_ExampleCT"]), "--cache-dir", str(cache), "--model-size", "tiny", "--spacing", "3",
             "--out", str(out), *TINY_RUN, *extra]
 
 

@@ -12,7 +12,7 @@ import torch
 from SAMMed3DMoELib import bundle
 from SAMMed3DMoELib.moe import ExpertInfo, SamMed3DMoE
 
-TINY_RUN = ["--spacing", "3", "--num-workers", "0", "--log-every", "1", "--threads", "1", "--save-every", "1000"]
+TINY_RUN = ["--num-workers", "0", "--log-every", "1", "--threads", "1", "--save-every", "1000"]
 """Options every test run shares (tiny 32³ windows at the scans' own 3 mm)."""
 
 

@@ -58,6 +58,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
             if isinstance(value, str) and action.type is not None:
                 value = action.type(value)
             defaults[dest] = value
+            action.required = False  # the file gives it
         parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 

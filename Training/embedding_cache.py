@@ -18,7 +18,8 @@ from torch import Tensor, nn
 class EmbeddingCache:
     """``cache(images, items, variants) -> (B, C, g, g, g)`` embeddings of ``encoder`` (eval
     mode, no gradients). ``enabled=False`` encodes every time (the reference the cache must
-    match)."""
+    match). Each crop is encoded on its own, so its embedding does not depend on its batch-mates
+    (a batched convolution may round differently): cached and recomputed values are identical."""
 
     def __init__(self, encoder: nn.Module, enabled: bool = True) -> None:
         self.encoder = encoder
@@ -35,13 +36,12 @@ class EmbeddingCache:
         self.encoder.eval()
         if not self.enabled:
             self.misses += images.shape[0]
-            return self.encoder(images)
+            return torch.cat([self.encoder(images[i:i + 1]) for i in range(images.shape[0])])
         keys = list(zip(items.tolist(), variants.tolist()))
         missing = [i for i, key in enumerate(keys) if key not in self._store]
         if missing:
-            computed = self.encoder(images[missing])
-            for i, embedding in zip(missing, computed):
-                self._store[keys[i]] = embedding.clone()
+            for i in missing:
+                self._store[keys[i]] = self.encoder(images[i:i + 1])[0].clone()
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         return torch.stack([self._store[key] for key in keys])

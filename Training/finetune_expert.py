@@ -29,7 +29,7 @@ from .distributed import DistContext, init_distributed, shutdown
 from .embedding_cache import EmbeddingCache
 from .interactive import InteractiveSegmentation, click_dice, plan_for_step
 from .lora import DEFAULT_TARGETS, add_lora, lora_parameters, merge_lora
-from .loop import RunSettings, Task, add_loop_arguments, run
+from .loop import RunSettings, Task, add_loop_arguments, run, seed_everything
 from .models import write_provenance
 from .validation import add_prompt_arguments, validation_score
 
@@ -158,6 +158,7 @@ class ExpertTask(Task):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv)
     set_cpu_threads(args.threads)
+    seed_everything(args.seed)
     ctx = init_distributed(args.device)
     try:
         settings = RunSettings.from_args(args)

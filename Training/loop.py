@@ -103,6 +103,18 @@ class RunSettings:
         return s
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch: what a run creates before training (new weights, LoRA
+    matrices, a new gate) is then the same on every run and every rank."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
 def lr_factor(step: int, s: RunSettings) -> float:
     """The learning-rate multiplier after ``step`` optimizer steps."""
     if s.warmup_steps and step < s.warmup_steps:

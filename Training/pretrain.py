@@ -25,7 +25,7 @@ from .data import (Augmentation, CropDataset, Preprocessing, add_data_arguments,
                    describe_items, load_split)
 from .distributed import DistContext, init_distributed, shutdown
 from .interactive import InteractiveSegmentation, click_dice, plan_for_step
-from .loop import RunSettings, Task, add_loop_arguments, run
+from .loop import RunSettings, Task, add_loop_arguments, run, seed_everything
 from .models import export_bundle, load_start, model_size
 from .validation import add_prompt_arguments, validation_score
 
@@ -121,6 +121,7 @@ class PretrainTask(Task):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv)
     set_cpu_threads(args.threads)
+    seed_everything(args.seed)
     ctx = init_distributed(args.device)
     try:
         settings = RunSettings.from_args(args)

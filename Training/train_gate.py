@@ -34,7 +34,7 @@ from .distributed import DistContext, init_distributed, shutdown
 from .embedding_cache import EmbeddingCache
 from .finetune_expert import freeze_unreached
 from .interactive import GateTraining, click_dice
-from .loop import RunSettings, Task, add_loop_arguments, run
+from .loop import RunSettings, Task, add_loop_arguments, run, seed_everything
 from .models import write_provenance
 from .validation import add_prompt_arguments, validation_score
 
@@ -164,6 +164,7 @@ def choose_tau(task: GateTask, ctx: DistContext, taus: Sequence[float], clicks: 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv)
     set_cpu_threads(args.threads)
+    seed_everything(args.seed)
     ctx = init_distributed(args.device)
     try:
         settings = RunSettings.from_args(args)
@@ -171,7 +172,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not moe.expert_names:
             raise SAMMed3DError(f"{args.bundle} has no experts: fine-tune one (Training.finetune_expert) before the gate")
         if moe.gate is None or args.new_gate:
-            torch.manual_seed(args.seed)
             moe.gate = GatingNetwork(moe.base.config["prompt_embed_dim"], len(moe.expert_names), args.gate_heads,
                                      args.gate_mlp_dim, args.gate_hidden_dim)
         pre = Preprocessing.from_bundle(moe.preprocessing)
