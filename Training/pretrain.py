@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lr-prompt-encoder", type=float, default=None, help="default: 0.1 x --lr (official)")
     m.add_argument("--lr-mask-decoder", type=float, default=None, help="default: 0.1 x --lr (official)")
     m.add_argument("--export", type=Path, default=None, help="bundle folder for the best (else last) weights")
-    add_prompt_arguments(p, box_prob=0.0)
+    add_prompt_arguments(p)
     add_loop_arguments(p, steps=1000, lr=8e-4)
     return p
 

@@ -62,9 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-embedding-cache", dest="embedding_cache", action="store_false",
                    help="encode every crop at every step (slower; same results)")
     add_data_arguments(p, flips=False)
-    add_prompt_arguments(p, iterations=5, mask_only=0)
+    add_prompt_arguments(p, iterations=5, gate=True)
     add_loop_arguments(p, steps=300, lr=1e-4)
-    p.set_defaults(val_clicks=3)
     return p
 
 
