@@ -239,6 +239,17 @@ def _box_corners_ras(image: Volume, mask: np.ndarray) -> Tuple[np.ndarray, np.nd
     return ras.min(0), ras.max(0)
 
 
+def _scores(mask: np.ndarray, ref: np.ndarray, spacing, tolerance_mm: float) -> Tuple[float, float]:
+    """Dice and NSD of two masks, computed on the bounding box of both plus one voxel: the same
+    values as on the whole grid (every surface voxel lies inside), far cheaper on a large scan."""
+    both = mask | ref
+    index = np.argwhere(both)
+    lo = np.maximum(index.min(0) - 1, 0)
+    hi = np.minimum(index.max(0) + 2, both.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    return metrics.dice(mask[box], ref[box]), metrics.surface_dice(mask[box], ref[box], spacing, tolerance_mm)
+
+
 def evaluate_case(
     image: Volume,
     label: np.ndarray,
@@ -297,9 +308,8 @@ def evaluate_case(
                                 voxels=int(ref.sum()))
 
                     def record(mask: np.ndarray, n_clicks: Optional[int]) -> None:
-                        entry = dict(base, prompt=prompt_name(n_clicks), clicks=n_clicks,
-                                     dice=metrics.dice(mask, ref),
-                                     nsd=metrics.surface_dice(mask, ref, image.spacing, tolerance_mm))
+                        dice, nsd = _scores(mask, ref, image.spacing, tolerance_mm)
+                        entry = dict(base, prompt=prompt_name(n_clicks), clicks=n_clicks, dice=dice, nsd=nsd)
                         records.append(entry)
                         if on_record is not None:
                             on_record(entry)

@@ -72,3 +72,20 @@ def test_config_file_and_sharding_across_ranks(setup, tmp_path):
     key = lambda r: (r["class"], r["variant"], r["prompt"])  # noqa: E731
     assert sorted((key(r), r["dice"]) for r in shards[0] + shards[1]) == sorted((key(r), r["dice"]) for r in whole)
     assert not (tmp_path / "shard1").exists()  # only rank 0 writes the report
+
+
+def test_scores_on_the_masks_bounding_box_equal_the_whole_grid(data_dir):
+    """Evaluation computes Dice and NSD on the bounding box of prediction and reference (plus a
+    voxel): the values must be those of the whole grid."""
+    import numpy as np
+
+    from SAMMed3DMoELib import metrics
+    from SAMMed3DMoELib.evaluation import _scores
+    from SAMMed3DMoELib.volume_io import load_volume
+
+    label = load_volume(data_dir / "example_ct_seg.nii.gz")
+    ref = label.array == 1  # spleen
+    pred = np.roll(ref, (2, -1, 1), axis=(0, 1, 2))
+    pred[5, 5, 5] = True  # a stray voxel far away
+    whole = (metrics.dice(pred, ref), metrics.surface_dice(pred, ref, label.spacing, 3.0))
+    assert _scores(pred, ref, label.spacing, 3.0) == whole and 0.3 < whole[0] < 0.95

@@ -100,6 +100,8 @@ class ExpertTask(Task):
     name = "expert"
 
     def __init__(self, base, decoder, args, cache: EmbeddingCache, val_data=None) -> None:
+        if args.box_prob > 0 and not base.box_prompts:
+            raise SAMMed3DError("--box-prob needs a base model with box prompts; this bundle's has none")
         base.requires_grad_(False)
         self.args = args
         self.decoder = decoder

@@ -75,6 +75,9 @@ class PretrainTask(Task):
         unknown = sorted(set(parts) - set(PARTS))
         if unknown or not parts:
             raise SAMMed3DError(f"--parts takes some of {', '.join(PARTS)}; got {','.join(parts) or 'nothing'}")
+        if args.box_prob > 0 and not model.box_prompts:
+            raise SAMMed3DError("--box-prob needs a model with box prompts; this one has none (start a new model "
+                                "without --no-box-prompts, or use --box-prob 0)")
         self.model = model
         for name in PARTS:
             getattr(model, name).requires_grad_(name in parts)
