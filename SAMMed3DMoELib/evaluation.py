@@ -490,7 +490,9 @@ def plot_dice_vs_clicks(summary: Mapping, path) -> Path:
         _plot_with_pillow(groups, summary["variants"], series, path)
         return path
     fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(4.2 * max(1, len(groups)), 3.6), squeeze=False)
+    ticks = sorted({x for pts in series.values() for x, _ in pts})
     for ax, g in zip(axes[0], groups):
+        ax.set_xticks(ticks)
         for v in summary["variants"]:
             if (g, v) in series:
                 xs, ys = zip(*series[(g, v)])
