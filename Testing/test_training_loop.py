@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import REPO_DIR
@@ -77,3 +78,14 @@ def test_two_gloo_processes_match_one_process(tmp_path_factory, data_dir, tmp_pa
     moved = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert moved < 1e-5, moved
     np.testing.assert_allclose(train_losses(single), train_losses(double), rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (mixed precision runs on CUDA only)")
+def test_mixed_precision_training_on_a_gpu(tmp_path_factory, data_dir, tmp_path):
+    out = tmp_path / "amp"
+    argv = _args(tmp_path_factory, data_dir, out, "--classes", "liver,spleen", "--steps", "3", "--batch-size", "2",
+                 "--iterations", "3", "--device", "cuda", "--amp", "on")
+    assert pretrain.main(argv) == 0
+    ck = load_checkpoint(out / "latest.pt")
+    assert ck["scaler"]["scale"] > 0 and all(np.isfinite(train_losses(out)))

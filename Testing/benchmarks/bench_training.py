@@ -54,6 +54,11 @@ def _batches(folder: Path, cache: Path, img_size: int, n: int, batch: int, itera
     return out
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _time_pair(steps: dict, batches, repeats: int) -> dict:
     """Median seconds per step of each of two step functions, timed alternately (A, B, A, B...)
     so that a change in the machine's load hits both alike."""
@@ -62,17 +67,19 @@ def _time_pair(steps: dict, batches, repeats: int) -> dict:
     times = {label: [] for label in steps}
     for r in range(repeats):
         for label, step in steps.items():
+            _sync()
             start = time.perf_counter()
             step(batches[r % len(batches)])
+            _sync()
             times[label].append(time.perf_counter() - start)
     return {label: statistics.median(t) for label, t in times.items()}
 
 
-def bench_gate(size: str, batches, repeats: int) -> dict:
+def bench_gate(size: str, batches, repeats: int, device) -> dict:
     base = new_model(MODEL_SIZES[size], box_prompts=True, seed=0)
     experts = {name: base.new_mask_decoder() for name in ("a", "b")}
     dim = base.config["prompt_embed_dim"]
-    moe = SamMed3DMoE(base, experts, GatingNetwork(dim, 2, num_heads=4), {n: ExpertInfo(n) for n in experts})
+    moe = SamMed3DMoE(base, experts, GatingNetwork(dim, 2, num_heads=4), {n: ExpertInfo(n) for n in experts}).to(device)
     moe.requires_grad_(False)
     moe.gate.requires_grad_(True)
     module = GateTraining(moe)
@@ -94,8 +101,8 @@ def bench_gate(size: str, batches, repeats: int) -> dict:
     return _time_pair(steps, batches, repeats)
 
 
-def bench_pretrain(size: str, batches, repeats: int) -> dict:
-    model = new_model(MODEL_SIZES[size], box_prompts=True, seed=0).train()
+def bench_pretrain(size: str, batches, repeats: int, device) -> dict:
+    model = new_model(MODEL_SIZES[size], box_prompts=True, seed=0).to(device).train()
     module = InteractiveSegmentation(model)
     plan = PromptPlan(11, frozenset({5, 10}), False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -138,22 +145,26 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (float32; the scripts add AMP on CUDA)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {_cpu_name()}, {args.threads} torch thread(s), torch {torch.__version__}")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{_cpu_name()}, {args.threads} torch thread(s)"
+    print(f"machine: {where}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         data = convert(Path(tmp) / "data", only=["Dataset501_ExampleCT"])["Dataset501_ExampleCT"]
         print("| model | window | measurement | seconds per step | samples/s | ratio |")
         print("| --- | --- | --- | --- | --- | --- |")
         for size in args.sizes.split(","):
             img = new_model(MODEL_SIZES[size], True, 0).img_size
-            batches = _batches(data, Path(tmp) / "cache", img, 3, args.batch, 11)
-            gate = bench_gate(size, batches, args.repeats)
+            batches = [{k: v.to(device) for k, v in b.items()}
+                       for b in _batches(data, Path(tmp) / "cache", img, 3, args.batch, 11)]
+            gate = bench_gate(size, batches, args.repeats, device)
             slow = gate["encoded every step"]
             for label, value in gate.items():
                 ratio = f"{slow / value:.2f}x" if label != "encoded every step" else "1.00x"
                 print(f"| {size} | {img}³ | gate step, {label} | {value:.3f} | {args.batch / value:.2f} | {ratio} |")
-            train = bench_pretrain(size, batches, args.repeats)
+            train = bench_pretrain(size, batches, args.repeats, device)
             whole = train["all parts trained"]
             for label, value in train.items():
                 print(f"| {size} | {img}³ | training step (11 iterations), {label} | {value:.3f} | "
