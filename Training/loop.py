@@ -216,15 +216,36 @@ def _to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+class _EndlessSampler(torch.utils.data.Sampler):
+    """Epoch after epoch of an :class:`EpochSampler`, each cut to whole batches, from the
+    position in ``state``: one DataLoader (and its workers) serves the whole run."""
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, state: dict) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+        self.start = (state["epoch"], state["batch_in_epoch"])
+
+    def __iter__(self):
+        epoch, skip = self.start
+        usable = (self.sampler.per_epoch() // self.batch_size) * self.batch_size
+        while True:
+            self.sampler.set_position(epoch)
+            indices = [i for i, _ in self.sampler][:usable]
+            for index in indices[skip * self.batch_size:]:
+                yield index, epoch
+            epoch, skip = epoch + 1, 0
+
+
 def _batches(dataset: CropDataset, sampler: EpochSampler, s: RunSettings, state: dict, device) -> Iterator[dict]:
-    """Batches forever, epoch after epoch, from the position in ``state`` (kept up to date)."""
-    while True:
-        sampler.set_position(state["epoch"], state["batch_in_epoch"] * s.batch_size)
-        for batch in make_loader(dataset, sampler, s.batch_size, s.num_workers, device):
-            state["batch_in_epoch"] += 1
-            yield batch
-        state["epoch"] += 1
-        state["batch_in_epoch"] = 0
+    """Batches forever from the position in ``state``, which is kept up to date (epoch and
+    batches used in it) as batches are taken."""
+    per_epoch = sampler.per_epoch() // s.batch_size
+    for batch in make_loader(dataset, _EndlessSampler(sampler, s.batch_size, state), s.batch_size, s.num_workers,
+                             device):
+        state["batch_in_epoch"] += 1
+        if state["batch_in_epoch"] == per_epoch:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+        yield batch
 
 
 def run(task: Task, dataset: CropDataset, s: RunSettings, ctx: DistContext, options: Dict[str, Any],
@@ -336,5 +357,6 @@ def run(task: Task, dataset: CropDataset, s: RunSettings, ctx: DistContext, opti
             validate()
         if (s.save_every and step % s.save_every == 0) or step == s.steps or step == s.stop_at_step:
             save(latest, False)
+    batches.close()  # ends the DataLoader's workers
     logger.close()
     return {**state, "stopped": stopped}
