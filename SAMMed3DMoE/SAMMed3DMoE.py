@@ -112,7 +112,7 @@ class SAMMed3DMoEParameterNode:
     positivePoints: vtkMRMLMarkupsFiducialNode
     negativePoints: vtkMRMLMarkupsFiducialNode
     box: vtkMRMLMarkupsROINode
-    modelSource: str = "sam-med3d-turbo"
+    modelSource: str = "Demo (offline)"  # the packaged demo model: works offline
     modelPath: str = ""
     hubRepoId: str = ""
     device: Annotated[str, Choice(list(DEVICES))] = AUTO
@@ -285,7 +285,7 @@ class SAMMed3DMoEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo = self.ui.modelSourceComboBox
         combo.clear()
         for name, entry in self._catalog.items():
-            combo.addItem(name)
+            combo.addItem(entry.title)  # e.g. "Demo (offline)"; _catalogEntry maps it back to the name
             combo.setItemData(combo.count - 1, entry.description, qt.Qt.ToolTipRole)
         combo.addItem(LOCAL_SOURCE)
         combo.addItem(HUB_SOURCE)
@@ -298,27 +298,41 @@ class SAMMed3DMoEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.modelPath = path
 
+    def _catalogEntry(self, source: str):
+        """The catalog entry shown as ``source`` in the model chooser (its title or name), or None."""
+        return next((e for e in self._catalog.values() if source in (e.title, e.name)), None)
+
     def _modelSpec(self) -> str:
         p = self._parameterNode
         if p.modelSource == LOCAL_SOURCE:
             return p.modelPath
         if p.modelSource == HUB_SOURCE:
             return p.hubRepoId.strip()
-        return p.modelSource
+        entry = self._catalogEntry(p.modelSource)
+        return entry.name if entry is not None else p.modelSource
+
+    @staticmethod
+    def _modelCard(entry) -> str:
+        if entry.homepage:
+            return entry.homepage
+        return f"https://huggingface.co/{entry.repo_id}" if entry.repo_id else ""
 
     def _updateModelSourceWidgets(self) -> None:
         source = self._parameterNode.modelSource
-        entry = self._catalog.get(source)
+        entry = self._catalogEntry(source)
         self.ui.modelPathLineEdit.visible = source == LOCAL_SOURCE
         self.ui.importCheckpointButton.visible = source == LOCAL_SOURCE
         self.ui.hubRepoLineEdit.visible = source == HUB_SOURCE
-        self.ui.downloadButton.visible = entry is not None or source == HUB_SOURCE
-        if entry is not None:
+        self.ui.downloadButton.visible = (entry is not None and entry.kind != "packaged") or source == HUB_SOURCE
+        if entry is not None and entry.kind == "packaged":
+            self.ui.modelInfoLabel.text = (
+                f"{entry.description}<br>Ships with the extension (no download) · Licence: {entry.license or 'see the README'}")
+        elif entry is not None:
             size = f"{entry.size_mb:.0f} MB" if entry.size_mb else "size shown before download"
-            licence = getattr(entry, "license", None) or "see the model card"
+            licence = entry.license or "see the model card"
             self.ui.modelInfoLabel.text = (
                 f"{entry.description}<br>Size: {size} · Licence: {licence} · "
-                f"<a href='https://huggingface.co/{entry.repo_id}'>model card</a>")
+                f"<a href='{self._modelCard(entry)}'>model card</a>")
         elif source == HUB_SOURCE:
             self.ui.modelInfoLabel.text = "A model bundle on the Hugging Face Hub, 'owner/name'. Its licence is on its model card."
         else:
@@ -349,6 +363,8 @@ class SAMMed3DMoEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         spec = self._modelSpec()
         entry = self._catalog.get(spec)
+        if entry is not None and entry.kind == "packaged":
+            return  # nothing to download: it ships with the extension
         from SAMMed3DMoELib import hub
 
         if entry is not None and entry.filename:
@@ -360,8 +376,8 @@ class SAMMed3DMoEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _confirmDownload(self, spec, size) -> None:
         entry = self._catalog.get(spec)
         sizeText = f"{size / 1e6:.0f} MB" if size else (f"about {entry.size_mb:.0f} MB" if entry and entry.size_mb else "unknown size")
-        licence = getattr(entry, "license", None) if entry else None
-        where = f"https://huggingface.co/{entry.repo_id if entry else spec}"
+        licence = entry.license if entry else None
+        where = self._modelCard(entry) if entry else f"https://huggingface.co/{spec}"
         if not slicer.util.confirmOkCancelDisplay(
                 f"Download '{spec}' ({sizeText}) from {where}?\n\nLicence: {licence or 'see the model card at ' + where}.\n"
                 "The file is kept in the Hugging Face cache and reused next time.", windowTitle="Download model"):

@@ -26,13 +26,15 @@ def is_repo_id(text: object) -> bool:
 
 @dataclass(frozen=True)
 class CatalogEntry:
-    """One known model. ``kind`` is ``"checkpoint"`` (one file: ``filename`` in ``repo_id``) or
-    ``"bundle"`` (a whole Hub repo: a folder with ``config.json``; ``filename`` is None).
+    """One known model. ``kind`` is ``"checkpoint"`` (one file: ``filename`` in ``repo_id``),
+    ``"bundle"`` (a whole Hub repo: a folder with ``config.json``; ``filename`` is None) or
+    ``"packaged"`` (a bundle folder shipped inside this package at ``path``; works offline).
     ``sha256`` None means no published checksum is known; ``size_mb`` is the documented size
-    (the exact size comes from the server, see :func:`remote_file_info`)."""
+    (the exact size comes from the server, see :func:`remote_file_info`). ``title`` is what a GUI
+    shows; ``license`` an SPDX id when known; ``homepage`` the model card."""
 
     name: str
-    repo_id: str
+    repo_id: Optional[str]
     filename: Optional[str]
     revision: Optional[str]
     sha256: Optional[str]
@@ -40,11 +42,22 @@ class CatalogEntry:
     kind: str
     box_prompts: bool
     description: str
+    title: str = ""
+    license: Optional[str] = None
+    homepage: Optional[str] = None
+    path: Optional[str] = None
+
+    @property
+    def local_path(self) -> Optional[Path]:
+        """The folder of a packaged model (None for models on the Hub)."""
+        return CATALOG_PATH.parent.joinpath(*self.path.split("/")) if self.kind == "packaged" else None
 
 
 _ENTRY_KEYS = {
     "name", "repo_id", "filename", "revision", "sha256", "size_mb", "kind", "box_prompts", "description",
+    "title", "license", "homepage", "path",
 }
+_KINDS = ("checkpoint", "bundle", "packaged")
 _IGNORED_KEYS = {"notes"}  # for maintainers: where a value comes from
 
 
@@ -83,11 +96,21 @@ def _catalog_entry(raw: object, *, where: str) -> CatalogEntry:
         raise bad("'name' must be a non-empty string without '/'")
     where = f"{where} '{name}'"
     kind = raw.get("kind", "checkpoint")
-    if kind not in ("checkpoint", "bundle"):
-        raise bad(f"'kind' is {kind!r}; it must be \"checkpoint\" or \"bundle\"")
+    if kind not in _KINDS:
+        raise bad(f"'kind' is {kind!r}; it must be one of {', '.join(_KINDS)}")
     repo_id = raw.get("repo_id")
-    if not is_repo_id(repo_id):
-        raise bad(f"'repo_id' is {repo_id!r}; it must be a Hub repo id 'owner/name'")
+    path = raw.get("path")
+    if kind == "packaged":
+        if repo_id is not None or raw.get("filename") is not None:
+            raise bad("a packaged model ships inside the package: give 'path', not 'repo_id'/'filename'")
+        if (not isinstance(path, str) or not path or path.startswith("/") or "\\" in path
+                or ".." in path.split("/")):
+            raise bad("a packaged model needs 'path', a folder relative to the package (e.g. models/demo)")
+    else:
+        if path is not None:
+            raise bad("'path' is only for packaged models")
+        if not is_repo_id(repo_id):
+            raise bad(f"'repo_id' is {repo_id!r}; it must be a Hub repo id 'owner/name'")
     filename = raw.get("filename")
     if kind == "checkpoint" and (not isinstance(filename, str) or not filename):
         raise bad("a checkpoint needs 'filename' (the file's path in the repo)")
@@ -107,12 +130,16 @@ def _catalog_entry(raw: object, *, where: str) -> CatalogEntry:
     box_prompts = raw.get("box_prompts", False)
     if not isinstance(box_prompts, bool):
         raise bad("'box_prompts' must be true or false")
-    description = raw.get("description", "")
-    if not isinstance(description, str):
-        raise bad("'description' must be a string")
+    texts = {}
+    for key in ("description", "title", "license", "homepage"):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, str):
+            raise bad(f"'{key}' must be a string")
+        texts[key] = value
     return CatalogEntry(
         name=name, repo_id=repo_id, filename=filename, revision=revision, sha256=sha256,
-        size_mb=size_mb, kind=kind, box_prompts=box_prompts, description=description,
+        size_mb=size_mb, kind=kind, box_prompts=box_prompts, description=texts["description"] or "",
+        title=texts["title"] or name, license=texts["license"], homepage=texts["homepage"], path=path,
     )
 
 
@@ -122,7 +149,7 @@ def remote_target(spec: str, catalog: Optional[Dict[str, "CatalogEntry"]] = None
     entries = load_catalog() if catalog is None else catalog
     if spec in entries:
         entry = entries[spec]
-        return entry.repo_id, entry.filename, entry.revision
+        return None if entry.kind == "packaged" else (entry.repo_id, entry.filename, entry.revision)
     if os.path.exists(os.path.expanduser(spec)):
         return None
     form = spec_form(spec)

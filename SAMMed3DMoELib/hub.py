@@ -864,6 +864,8 @@ def _require_bundle(folder: Path, *, origin: str) -> Path:
 
 def _resolve_entry(entry: CatalogEntry, *, progress: Optional[ProgressCallback],
                    cancel: Optional[threading.Event]) -> Path:
+    if entry.kind == "packaged":
+        return _require_bundle(entry.local_path, origin=f"Catalog model '{entry.name}' (shipped at {entry.local_path})")
     if entry.kind == "bundle":
         folder = download_snapshot(entry.repo_id, revision=entry.revision, progress=progress, cancel=cancel)
         return _require_bundle(folder, origin=f"Catalog model '{entry.name}' (Hub repository '{entry.repo_id}')")

@@ -56,9 +56,33 @@ def test_packaged_catalog_lists_the_official_checkpoint():
     box = [e for e in catalog.values() if e.box_prompts]
     assert box, "the catalog should list a box-prompt checkpoint"
     for entry in catalog.values():
-        assert entry.name and entry.description
-        assert entry.kind in ("checkpoint", "bundle")
+        assert entry.name and entry.description and entry.title
+        assert entry.kind in ("checkpoint", "bundle", "packaged")
         assert (entry.filename is not None) == (entry.kind == "checkpoint")
+        assert (entry.repo_id is None) == (entry.kind == "packaged")
+    demo = catalog["demo"]
+    assert demo.kind == "packaged" and demo.title == "Demo (offline)" and demo.license == "Apache-2.0"
+    assert model_catalog.remote_target("demo") is None, "the demo model never touches the network"
+
+
+def test_a_packaged_model_resolves_to_its_folder_in_the_package(tmp_path):
+    """A catalog entry of kind "packaged" is a bundle folder inside SAMMed3DMoELib (here one made
+    for the test, named by a catalog file of its own); resolving it needs no network."""
+    package = model_catalog.CATALOG_PATH.parent
+    folder = package / "models" / "test-packaged"
+    catalog_file = tmp_path / "catalog.json"
+    catalog_file.write_text(json.dumps({"models": [
+        {"name": "p", "kind": "packaged", "path": "models/test-packaged", "description": "x"}]}))
+    entries = model_catalog.load_catalog(catalog_file)
+    with pytest.raises(SAMMed3DError, match="not a model bundle"):
+        hub.resolve_model("p", catalog=entries)  # missing: a clear message, no download attempt
+    try:
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        assert hub.resolve_model("p", catalog=entries) == folder
+    finally:
+        (folder / "config.json").unlink(missing_ok=True)
+        folder.rmdir()
 
 
 @pytest.mark.parametrize("change, complaint", [
@@ -66,6 +90,10 @@ def test_packaged_catalog_lists_the_official_checkpoint():
     ({"sha256": "abc"}, "sha256"),
     ({"repo_id": "no-slash"}, "repo_id"),
     ({"colour": "red"}, "unknown keys"),
+    ({"kind": "packaged"}, "packaged model ships inside the package"),
+    ({"kind": "packaged", "repo_id": None, "filename": None, "path": "../outside"}, "needs 'path'"),
+    ({"path": "models/x"}, "only for packaged"),
+    ({"license": 2}, "'license' must be a string"),
 ])
 def test_catalog_rejects_bad_entries(tmp_path, change, complaint):
     entry = {"name": "m", "kind": "checkpoint", "repo_id": "a/b", "filename": "m.pth", "description": "x"}

@@ -224,11 +224,14 @@ def cmd_catalog(args) -> int:
     rows = []
     for e in entries.values():
         cached = None
-        if e.filename:
+        if e.kind == "packaged":
+            cached = e.local_path.is_dir()
+        elif e.filename:
             cached = hub.cached_file(e.repo_id, e.filename, revision=e.revision) is not None
         rows.append({"name": e.name, "kind": e.kind, "repo_id": e.repo_id, "filename": e.filename,
                      "revision": e.revision, "size_mb": e.size_mb, "box_prompts": e.box_prompts,
-                     "sha256": e.sha256, "cached": cached, "description": e.description})
+                     "sha256": e.sha256, "cached": cached, "description": e.description, "title": e.title,
+                     "license": e.license, "homepage": e.homepage})
     if args.json:
         _out(json.dumps({"models": rows}, indent=2))
         return EXIT_OK
@@ -237,7 +240,10 @@ def cmd_catalog(args) -> int:
     for r in rows:
         size = f"{r['size_mb']:g} MB" if r["size_mb"] is not None else "unknown"
         cached = "yes" if r["cached"] else ("no" if r["cached"] is False else "?")
-        source = r["repo_id"] + (f"/{r['filename']}" if r["filename"] else " (bundle)")
+        if r["kind"] == "packaged":
+            source = "shipped with this package (offline)"
+        else:
+            source = r["repo_id"] + (f"/{r['filename']}" if r["filename"] else " (bundle)")
         _out(f"{r['name']:<{width}}  {size:>9}  {'yes' if r['box_prompts'] else 'no':<3}  {cached:<6}  {source}")
         if r["description"]:
             _out(f"{'':<{width}}  {r['description']}")
