@@ -292,15 +292,11 @@ def evaluate_case(
     for variant in variants:
         groups[(id(variant.model), variant.tau, variant.selector)].append(variant)
     for group in groups.values():
-        model = group[0].model
-        saved = (model.tau, model.selector)
+        session = Session(image, group[0].model, device=device, modality=mod, protocol="newest",
+                          max_windows=max_windows)
         try:
-            if group[0].tau is not None:
-                model.tau = float(group[0].tau)
-            if group[0].selector is not None:
-                model.selector = group[0].selector
-            session = Session(image, model, device=device, modality=mod, protocol="newest",
-                              max_windows=max_windows)
+            session.tau = group[0].tau  # per session (None: the model's own): the model is never changed
+            session.selector = group[0].selector
             for variant in group:
                 session.expert = variant.expert
                 for name, ref in references.items():
@@ -328,9 +324,8 @@ def evaluate_case(
                         session.reset()
                         session.set_box(*_box_corners_ras(image, ref))
                         record(session.predict().full_mask(image.shape), None)
-            session.reset()
         finally:
-            model.tau, model.selector = saved
+            session.close()
     return records
 
 

@@ -185,7 +185,7 @@ class SamMed3DMoE(nn.Module):
         prompt_encoder = self.base.prompt_encoder
         sparse, dense = prompt_encoder(points=points, boxes=boxes, masks=mask_logits)
         pe = prompt_encoder.get_dense_pe()
-        scores = self.gate_scores(image_embeddings, sparse, self._prompt_mask(points, boxes, sparse))
+        scores = self.gate_scores(image_embeddings, sparse, self.prompt_mask(points, boxes, sparse))
         score_dict = None
         if scores is not None:
             score_dict = {name: float(s) for name, s in zip([GENERAL] + self.expert_names, scores[0].tolist())}
@@ -218,8 +218,9 @@ class SamMed3DMoE(nn.Module):
         return Prediction(logits, iou, [GENERAL, top_name], {GENERAL: w["general"], top_name: w["expert"]}, score_dict)
 
     @staticmethod
-    def _prompt_mask(points: Optional[Tuple[Tensor, Tensor]], boxes: Optional[Tensor], sparse: Tensor) -> Tensor:
-        """True for the sparse tokens of real prompts (not the padding point)."""
+    def prompt_mask(points: Optional[Tuple[Tensor, Tensor]], boxes: Optional[Tensor], sparse: Tensor) -> Tensor:
+        """(B, N) bool: True for the sparse tokens of real prompts (not the padding point), as the
+        gate pools them; ``sparse`` (B, N, C) is the prompt encoder's output for these prompts."""
         parts = []
         if points is not None:
             parts.append(points[1] != -1)

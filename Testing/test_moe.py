@@ -43,7 +43,7 @@ def test_gate_scores_are_a_distribution_that_ignores_padding(setup):
     moe, embedding, points = setup
     pe = moe.base.prompt_encoder.get_dense_pe()
     sparse, _ = moe.base.prompt_encoder(points=points, boxes=None, masks=None)
-    mask = SamMed3DMoE._prompt_mask(points, None, sparse)
+    mask = SamMed3DMoE.prompt_mask(points, None, sparse)
     assert mask.tolist() == [[True, True, False]]
     scores = moe.gate.scores(embedding, pe, sparse, mask)
     assert scores.shape == (1, 3)
@@ -161,7 +161,7 @@ def test_gate_is_trainable_end_to_end(setup):
     moe, embedding, points = setup
     moe.train()
     sparse, _ = moe.base.prompt_encoder(points=points, boxes=None, masks=None)
-    mask = SamMed3DMoE._prompt_mask(points, None, sparse)
+    mask = SamMed3DMoE.prompt_mask(points, None, sparse)
     optimizer = torch.optim.AdamW(moe.gate.parameters(), lr=1e-2)
     target = torch.tensor([2])
     for _ in range(30):

@@ -94,7 +94,7 @@ def test_gate_routes_prompts_to_the_right_expert(setup, tmp_path):
                 target = sample["target"][None]
                 points = sample_clicks(torch.zeros_like(target) > 0, target > 0, sample["click_u"][:1])
                 sparse, _ = moe.base.prompt_encoder(points=points)
-                scores = moe.gate_scores(emb, sparse, SamMed3DMoE._prompt_mask(points, None, sparse))
+                scores = moe.gate_scores(emb, sparse, SamMed3DMoE.prompt_mask(points, None, sparse))
                 right += int(scores[0].argmax()) == items[index].expert
                 total += 1
     assert right / total >= 0.8, f"{right}/{total} prompts routed to their expert"

@@ -146,7 +146,7 @@ class GateTraining(nn.Module):
                 points = clicks.sample_clicks(full.detach() > 0, truth, click_u[:, it])
                 sparse, dense = base.prompt_encoder(points=points, masks=lowres)
                 general = base.mask_decoder(embeddings, pe, sparse, dense)[0]
-            logits = moe.gate(embeddings, pe, sparse, SamMed3DMoE._prompt_mask(points, None, sparse))
+            logits = moe.gate(embeddings, pe, sparse, SamMed3DMoE.prompt_mask(points, None, sparse))
             scores = logits.softmax(-1)
             top = scores[:, 1:].argmax(-1) + 1
             s_top = scores.gather(1, top[:, None]).view(-1, 1, 1, 1, 1)

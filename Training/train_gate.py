@@ -144,7 +144,7 @@ class GateTask(Task):
                 emb = cache(image, sample["item"][None], sample["variant"][None])
                 points = sample_clicks(torch.zeros_like(target) > 0, target > 0, sample["click_u"][:1])
                 sparse, _ = moe.base.prompt_encoder(points=points)
-                scores = moe.gate_scores(emb, sparse, SamMed3DMoE._prompt_mask(points, None, sparse))
+                scores = moe.gate_scores(emb, sparse, SamMed3DMoE.prompt_mask(points, None, sparse))
                 correct += int(scores[0].argmax()) == int(sample["expert"])
         return correct / max(1, len(data))
 
