@@ -35,7 +35,7 @@ from . import geometry, metrics
 from .clicks import next_click
 from .errors import SAMMed3DError
 from .files import atomic_write_bytes
-from .geometry import PreparedVolume, Volume
+from .geometry import Volume
 from .moe import AUTO, GENERAL, SamMed3DMoE
 
 __all__ = [
@@ -143,9 +143,7 @@ def label_on_grid(label: Volume, image: Volume) -> np.ndarray:
         label = Volume(rounded.astype(np.int32), label.affine)
     if label.shape == image.shape and np.allclose(label.affine, image.affine, atol=1e-4):
         return np.asarray(label.array)
-    # The image's own grid seen as a "prepared" grid: prepare_label resamples any grid onto it.
-    grid = PreparedVolume(array=image.array, affine=image.affine, source=image, is_ct=False)
-    out = geometry.prepare_label(label.array, label, grid)
+    out = geometry.resample_label(label.array, label, image)
     covered = _covered(label, image)
     if not covered.any():
         raise SAMMed3DError(

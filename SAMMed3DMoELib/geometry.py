@@ -40,7 +40,7 @@ __all__ = [
     "PreparedVolume",
     "is_ct",
     "prepare_volume",
-    "prepare_label",
+    "resample_label",
     "canonical_transform",
     "DEFAULT_SPACING",
     "WINDOW_SIZE",
@@ -423,10 +423,13 @@ def sample_grid(
     return out, inside
 
 
-def prepare_label(label_array, volume: Volume, prepared: PreparedVolume) -> np.ndarray:
-    """Resample a label map on ``volume``'s grid onto the prepared grid (nearest neighbour).
+def resample_label(label_array, volume: Volume, grid: _Grid) -> np.ndarray:
+    """Resample a label map on ``volume``'s grid onto another grid in physical space (nearest
+    neighbour): the prepared grid (training), or another volume's own grid (a label stored with
+    other axes, flips or spacing than its image). ``grid`` is anything with ``shape`` and
+    ``affine`` (a :class:`PreparedVolume` or a :class:`Volume`).
 
-    Returns an array of ``prepared.shape`` with the label's dtype."""
+    Returns an array of ``grid.shape`` with the label's dtype."""
     if isinstance(label_array, torch.Tensor):
         lab = label_array.detach().cpu().numpy()
     else:
@@ -436,23 +439,23 @@ def prepare_label(label_array, volume: Volume, prepared: PreparedVolume) -> np.n
             f"the label has shape {lab.shape} but its volume has shape {volume.shape}; the label "
             "must be on the volume's grid."
         )
-    to_src = np.linalg.inv(volume.affine) @ prepared.affine  # prepared index -> label index
+    to_src = np.linalg.inv(volume.affine) @ grid.affine  # grid index -> label index
     amap = axis_map(to_src)
     if amap is not None:
         axes, scales, offsets = amap
         idx = [None, None, None]
         for a in range(3):
-            c = scales[a] * np.arange(prepared.shape[a], dtype=np.float64) + offsets[a]
+            c = scales[a] * np.arange(grid.shape[a], dtype=np.float64) + offsets[a]
             n = volume.shape[axes[a]]
             idx[axes[a]] = np.clip(np.floor(c + 0.5), 0, n - 1).astype(np.intp)
         return np.ascontiguousarray(lab[np.ix_(*idx)].transpose(*axes))
     # General (rotated) relation between the grids: nearest-neighbour grid_sample.
     if lab.dtype.kind not in "biu" or (lab.size and int(np.abs(lab).max()) >= 2**24):
         raise SAMMed3DError(
-            "labels on a grid rotated relative to the prepared grid must be integers below 2**24."
+            "labels on a grid rotated relative to the target grid must be integers below 2**24."
         )
     data = torch.from_numpy(np.ascontiguousarray(lab, dtype=np.float32))
-    out, _ = sample_grid(data, to_src, (0, 0, 0), prepared.shape, mode="nearest")
+    out, _ = sample_grid(data, to_src, (0, 0, 0), grid.shape, mode="nearest")
     return out.numpy().astype(lab.dtype)
 
 

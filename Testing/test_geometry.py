@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from SAMMed3DMoELib.errors import SAMMed3DError
-from SAMMed3DMoELib.geometry import PreparedVolume, Volume, canonical_transform, is_ct, prepare_label, prepare_volume
+from SAMMed3DMoELib.geometry import PreparedVolume, Volume, canonical_transform, is_ct, resample_label, prepare_volume
 from SAMMed3DMoELib.volume_io import load_volume, save_mask
 from SAMMed3DMoELib.windows import (
     Window,
@@ -340,7 +340,7 @@ def test_point_maps_to_same_tissue(variants, loaded, data_dir, name):
         w = ras_to_window(prep, win, ras[None])[0]
         assert np.all(np.abs(w - win.size // 2) <= 0.5 + 1e-6), (organ, w)  # ties round up (window placement epsilon)
         wi = tuple(np.floor(w + 0.5).astype(int))
-        plab = prepare_label(var.label, vol, prep)
+        plab = resample_label(var.label, vol, prep)
         assert window_crop(plab, win)[wi] == lid, (organ, name)
         # Intensity: linear interpolation of the voxels around the point (within one voxel).
         value = window_crop(prep.array, win)[wi]
@@ -401,7 +401,7 @@ def test_round_trip_dice(variants, loaded, name):
 
     Measured Dice (spleen / kidney_left / liver; liver counted inside the window only, it is
     wider than the 192 mm window):
-    * 128^3, label through prepare_label (nearest): 1.000 / 1.000 / 1.000 on the 3 mm grids
+    * 128^3, label through resample_label (nearest): 1.000 / 1.000 / 1.000 on the 3 mm grids
       (plain, oblique, permuted_flipped): 1.5 mm halves 3 mm exactly. On the grids with a
       0.8 mm axis (anisotropic, all_combined) 0.959 / 0.941 / 0.976: nearest-neighbour
       downsampling to 1.5 mm cannot keep 0.8 mm label detail; that loss is in the label
@@ -419,7 +419,7 @@ def test_round_trip_dice(variants, loaded, name):
     fine_axis = name in ("anisotropic", "all_combined")
     for organ, lid in ORGANS.items():
         ref = var.label == lid
-        plab = prepare_label(ref.astype(np.uint8), vol, prep)
+        plab = resample_label(ref.astype(np.uint8), vol, prep)
         win = organ_window(var, vol, prep, lid)
         start, stop = region_bbox(prep, win)
         sub = ref[tuple(slice(a, b) for a, b in zip(start, stop))]
@@ -459,7 +459,7 @@ def test_map_back_fast_path_equals_grid_sample(loaded):
 
 def test_rotated_grids_general_path():
     """Label and image on grids rotated 30 degrees to each other (not just permuted): the dense
-    grid_sample paths of prepare_label and map_back put a sphere where it physically is."""
+    grid_sample paths of resample_label and map_back put a sphere where it physically is."""
     centre = np.array([10.0, -20.0, 30.0])
     radius = 25.0
 
@@ -477,7 +477,7 @@ def test_rotated_grids_general_path():
     aff_b = np.diag([1.1, 1.1, 1.1, 1.0])
     aff_b[:3, 3] = centre - 1.1 * 24.5
     lab_b = sphere_on(aff_b, shape_b).astype(np.uint8)
-    plab = prepare_label(lab_b, Volume(lab_b, aff_b), prep)
+    plab = resample_label(lab_b, Volume(lab_b, aff_b), prep)
     truth = sphere_on(prep.affine, prep.shape)
     assert dice(plab, truth) > 0.95
     # map_back through grid_sample onto the image's own (rotated) grid.

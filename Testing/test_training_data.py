@@ -66,7 +66,7 @@ def test_prepared_cases_are_computed_once_and_keyed_by_file_and_settings(tmp_pat
     image, label = load_case(info.cases[0])
     prepared = geometry.prepare_volume(image, spacing=3.0, modality="CT")
     assert np.array_equal(first["image"].numpy(), prepared.array)
-    assert np.array_equal(first["label"].numpy(), geometry.prepare_label(label, image, prepared))
+    assert np.array_equal(first["label"].numpy(), geometry.resample_label(label, image, prepared))
     PreparedCases([info], Preprocessing(4.0, 32), tmp_path).get(0)  # another spacing: another entry
     assert len(list(tmp_path.glob("*.pt"))) == 2
 

@@ -86,7 +86,7 @@ class PrepareCase:
         image, label = load_case(case)
         prepared = geometry.prepare_volume(image, spacing=item["spacing_mm"], modality=item["modality"],
                                            ct_clamp=item["ct_clamp"])
-        on_grid = geometry.prepare_label(label, image, prepared)
+        on_grid = geometry.resample_label(label, image, prepared)
         if on_grid.min() < 0 or on_grid.max() > 32767:
             raise SAMMed3DError(f"{case.label}: label ids must lie in 0..32767")
         return {
