@@ -483,33 +483,62 @@ def load_model(spec_path: PathLike, *, device: Union[str, torch.device, None] = 
 # --------------------------------------------------------------------------------------------
 # Writing bundles
 # --------------------------------------------------------------------------------------------
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""Floating types a bundle's files may be written in (``save_bundle(dtype=...)``)."""
+
+
 def save_bundle(moe: SamMed3DMoE, folder: PathLike, *, preprocessing: Optional[Mapping[str, Any]] = None,
-                base_pointer: Optional[Mapping[str, Any]] = None) -> Path:
+                base_pointer: Optional[Mapping[str, Any]] = None,
+                dtype: Union[str, torch.dtype, None] = None) -> Path:
     """Write ``moe`` as a bundle in ``folder`` (created if needed) and return the folder.
 
     ``preprocessing``: what the model expects (default :data:`DEFAULT_PREPROCESSING`, window =
     the model's input size). ``base_pointer``: ``{"repo_id", "filename", "revision", "sha256"}``
     of a Hub checkpoint holding exactly ``moe.base``'s weights, written instead of
-    ``base.safetensors``. Every file is written to a temporary name and renamed into place,
-    config.json last; files of the previous bundle that are no longer listed are removed; files
-    whose content did not change are left untouched.
+    ``base.safetensors``. ``dtype``: store every floating-point tensor in this type on disk
+    (``"float16"``/``torch.float16`` halves the size; ``"bfloat16"``, ``"float32"``); None keeps
+    the model's own types. Loading always converts back into the float32 model. Every file is
+    written to a temporary name and renamed into place, config.json last; files of the previous
+    bundle that are no longer listed are removed; files whose content did not change are left
+    untouched.
     """
     folder = Path(os.fspath(folder)).expanduser()
+    cast = _save_dtype(dtype)
     model_config = _jsonable(moe.base.config)
     if base_pointer is None:
         return _write_bundle(folder, moe, base_state=moe.base.state_dict(), model_config=model_config,
-                             preprocessing=preprocessing)
+                             preprocessing=preprocessing, dtype=cast)
     if not isinstance(base_pointer, Mapping):
         raise SAMMed3DError("base_pointer must be a dict with repo_id, filename, revision and sha256")
     pointer = _validate_hub_pointer(dict(base_pointer), _Checker("base_pointer", "Fix the base pointer."), "")
     return _write_bundle(folder, moe, base_entry={"hub": pointer}, model_config=model_config,
-                         preprocessing=preprocessing)
+                         preprocessing=preprocessing, dtype=cast)
+
+
+def _save_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in SAVE_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.strip().lower() in SAVE_DTYPES:
+        return SAVE_DTYPES[dtype.strip().lower()]
+    raise SAMMed3DError(f"cannot store a bundle as {dtype!r}: use one of {', '.join(SAVE_DTYPES)} (or None to keep "
+                        "the model's own types)")
+
+
+def _cast_state(state: Mapping[str, Tensor], dtype: Optional[torch.dtype]) -> Mapping[str, Tensor]:
+    """``state`` with its floating-point tensors in ``dtype`` (None: unchanged)."""
+    if dtype is None:
+        return state
+    return {k: (v.detach().to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
 
 
 def _write_bundle(folder: Path, moe: SamMed3DMoE, *, model_config: dict, preprocessing: Optional[Mapping[str, Any]],
-                  base_state: Optional[Mapping[str, Tensor]] = None, base_entry: Optional[dict] = None) -> Path:
+                  base_state: Optional[Mapping[str, Tensor]] = None, base_entry: Optional[dict] = None,
+                  dtype: Optional[torch.dtype] = None) -> Path:
     """Write a bundle: ``base_state`` is written to base.safetensors, or ``base_entry`` (a Hub
-    pointer, or the existing base file kept as it is) goes into config.json unchanged."""
+    pointer, or the existing base file kept as it is) goes into config.json unchanged.
+    ``dtype``: the floating type of the written files (None: the tensors' own)."""
     pre = dict(preprocessing) if preprocessing is not None else dict(moe.preprocessing)
     pre = _validate_preprocessing(pre, _Checker("preprocessing", "Fix the preprocessing settings."))
     for name in moe.expert_names:
@@ -544,7 +573,7 @@ def _write_bundle(folder: Path, moe: SamMed3DMoE, *, model_config: dict, preproc
         to_write[GATE_FILE] = moe.gate.state_dict()
         gate_entry = {"file": GATE_FILE, "sha256": None, "config": moe.gate.config()}
 
-    digests = _write_tensor_files(folder, to_write)
+    digests = _write_tensor_files(folder, {rel: _cast_state(state, dtype) for rel, state in to_write.items()})
     if "file" in base_entry and base_entry["file"] in digests:
         base_entry["sha256"] = digests[base_entry["file"]]
     for entry in expert_entries:

@@ -391,6 +391,36 @@ def test_gate_with_other_sizes_round_trips(tmp_path):
     assert torch.equal(_predict(loaded).logits, _predict(moe).logits)
 
 
+def test_float16_on_disk_loads_into_the_float32_model(bundle, tmp_path):
+    """dtype="float16" halves the files; loading converts back into float32 parameters equal to
+    the float16-rounded originals, and the mixture predicts (nearly) the same."""
+    from safetensors.torch import load_file
+
+    moe, folder32 = bundle
+    folder16 = B.save_bundle(moe, tmp_path / "fp16", dtype="float16")
+    config = B.read_bundle_config(folder16)
+    files = ["base.safetensors", "gate.safetensors", *(e["file"] for e in config["experts"])]
+    for rel in files:
+        assert {t.dtype for t in load_file(str(folder16 / rel)).values()} == {torch.float16}, rel
+    size = lambda f: sum((f / rel).stat().st_size for rel in files)  # noqa: E731
+    assert size(folder16) < 0.55 * size(folder32)
+
+    loaded = B.load_bundle(folder16)  # checks every hash
+    state = loaded.state_dict()
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+    for key, value in moe.state_dict().items():
+        assert torch.equal(state[key], value.half().float()), key
+    before, after = _predict(moe), _predict(loaded)
+    assert before.decoders == after.decoders
+    assert torch.allclose(torch.sigmoid(before.logits), torch.sigmoid(after.logits), atol=2e-2)
+
+    # bfloat16 too; a torch dtype works as well as its name; other types are refused by name.
+    B.save_bundle(moe, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert load_file(str(tmp_path / "bf16" / "base.safetensors"))["image_encoder.pos_embed"].dtype == torch.bfloat16
+    with pytest.raises(SAMMed3DError, match="cannot store a bundle as 'int8'"):
+        B.save_bundle(moe, tmp_path / "bad", dtype="int8")
+
+
 # --------------------------------------------------------------------------------------------
 # Full size (the official architecture)
 # --------------------------------------------------------------------------------------------
