@@ -61,6 +61,22 @@ def test_resume_continues_exactly(tmp_path_factory, data_dir, tmp_path):
     assert ck_a["loop"] == ck_b["loop"] and ck_a["scheduler"] == ck_b["scheduler"]
 
 
+def test_exported_bundle_says_whether_box_prompts_were_trained(tmp_path_factory, data_dir, tmp_path):
+    """The session uses a box only when the bundle says its embeddings were trained: a run with
+    --box-prob > 0 says so, one without does not, and a run started from a bundle keeps its word."""
+    from SAMMed3DMoELib.bundle import load_bundle
+
+    common = ["--classes", "spleen", "--steps", "2", "--batch-size", "1", "--iterations", "2"]
+    boxed, plain, continued = tmp_path / "boxed", tmp_path / "plain", tmp_path / "continued"
+    assert pretrain.main(_args(tmp_path_factory, data_dir, boxed, *common, "--box-prob", "1")) == 0
+    assert pretrain.main(_args(tmp_path_factory, data_dir, plain, *common)) == 0
+    assert load_bundle(boxed / "bundle").box_prompts_trained is True
+    assert load_bundle(plain / "bundle").box_prompts_trained is False
+    assert pretrain.main(_args(tmp_path_factory, data_dir, continued, *common, "--init", str(boxed / "bundle"),
+                               "--parts", "mask_decoder")) == 0
+    assert load_bundle(continued / "bundle").box_prompts_trained is True
+
+
 def test_two_gloo_processes_match_one_process(tmp_path_factory, data_dir, tmp_path):
     """Real torch.distributed: torchrun starts 2 CPU processes (gloo); each takes half of every
     global batch. DDP must average the gradients, so rank 0's weights equal one process's."""

@@ -67,15 +67,15 @@ def _base_from_state(state: Dict[str, torch.Tensor], config: Dict[str, Any]) -> 
 
 
 def load_start(init: Optional[str], size: Dict[str, Any], box_prompts: bool, seed: int
-               ) -> Tuple[SamMed3D, Optional[Preprocessing], str]:
-    """The model a run starts from, the preprocessing it was trained with (None: unknown), and
-    a description of where it came from."""
+               ) -> Tuple[SamMed3D, Optional[Preprocessing], str, bool]:
+    """The model a run starts from, the preprocessing it was trained with (None: unknown), a
+    description of where it came from, and whether its box-prompt embeddings were trained."""
     if not init:
-        return new_model(size, box_prompts, seed), None, f"random weights (seed {seed})"
+        return new_model(size, box_prompts, seed), None, f"random weights (seed {seed})", False
     path = Path(init).expanduser()
     if path.is_dir():
         moe = bundle.load_bundle(path, device="cpu")
-        return moe.base, Preprocessing.from_bundle(moe.preprocessing), f"bundle {path}"
+        return moe.base, Preprocessing.from_bundle(moe.preprocessing), f"bundle {path}", moe.box_prompts_trained
     if path.suffix == ".pt" and path.is_file():
         try:
             ck = checkpoints.load_checkpoint(path)
@@ -87,22 +87,27 @@ def load_start(init: Optional[str], size: Dict[str, Any], box_prompts: bool, see
                                     "a bundle or an official checkpoint")
             extra = ck["options"]
             pre = Preprocessing.from_bundle(extra["preprocessing"])
-            return _base_from_state(ck["model"], extra["model_config"]), pre, f"pretrain checkpoint {path}"
+            model = _base_from_state(ck["model"], extra["model_config"])
+            return model, pre, f"pretrain checkpoint {path}", bool(extra.get("box_prompts_trained")) and model.box_prompts
     if not path.exists():
         raise SAMMed3DError(f"--init {init}: no such file or folder")
     model = bundle.load_model(path, device="cpu").base
-    return model, None, f"checkpoint {path}"
+    return model, None, f"checkpoint {path}", False  # official training fed no boxes (see SamMed3DMoE)
 
 
-def export_bundle(base: SamMed3D, folder: Path, pre: Preprocessing, provenance: Dict[str, Any]) -> Path:
-    """Write ``base`` as a bundle (no experts yet) plus ``training/pretrain.json`` (how it was made)."""
+def export_bundle(base: SamMed3D, folder: Path, pre: Preprocessing, provenance: Dict[str, Any],
+                  box_prompts_trained: bool = False) -> Path:
+    """Write ``base`` as a bundle (no experts yet) plus ``training/pretrain.json`` (how it was made);
+    ``box_prompts_trained`` says whether its box-prompt embeddings were trained (the session
+    uses boxes only then)."""
     folder = Path(folder).expanduser()
     if (folder / bundle.CONFIG_NAME).exists():
         existing = bundle.read_bundle_config(folder)
         if existing["experts"]:
             raise SAMMed3DError(f"{folder} already holds a bundle with experts; exporting the base there would drop them. "
                                 "Choose another --export folder")
-    bundle.save_bundle(SamMed3DMoE(base.eval()), folder, preprocessing=pre.as_bundle())
+    bundle.save_bundle(SamMed3DMoE(base.eval(), box_prompts_trained=box_prompts_trained), folder,
+                       preprocessing=pre.as_bundle())
     write_provenance(folder, "pretrain", provenance)
     return folder
 

@@ -129,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = RunSettings.from_args(args)
         size = model_size(args.model_size)
-        model, start_pre, origin = load_start(args.init, size, args.box_prompts, args.seed)
+        model, start_pre, origin, start_box_trained = load_start(args.init, size, args.box_prompts, args.seed)
         pre = resolve_preprocessing(args, start_pre, model.img_size)
         classes = as_list(args.classes)
         cases, items = load_split(args.data, pre, args.cache_dir, ctx, classes=classes,
@@ -148,8 +148,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "prompt_encoder": args.lr_prompt_encoder or 0.1 * args.lr,
                "mask_decoder": args.lr_mask_decoder or 0.1 * args.lr}
         task = PretrainTask(model, as_list(args.parts), lrs, args, val_data)
+        # Box embeddings count as trained when the start's were or this run trains them.
+        box_trained = model.box_prompts and (start_box_trained or (args.box_prob > 0 and "prompt_encoder" in task.parts))
         options = {**jsonable(args), "preprocessing": pre.as_bundle(), "model_config": dict(model.config),
-                   "start": origin, "items": describe_items(items)}
+                   "start": origin, "items": describe_items(items), "box_prompts_trained": box_trained}
         if ctx.is_main:
             print(f"pretrain: {len(items)} training items ({len(describe_items(items))} classes), "
                   f"{len(val_data) if val_data else 0} validation items; start: {origin}; "
@@ -162,7 +164,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             export = args.export or settings.out / "bundle"
             export_bundle(model, export, pre, {**options, "weights_from": source.name, "best_score": state["best"],
                                                "best_step": state["best_step"], "steps": state["step"],
-                                               "seconds": round(time.perf_counter() - start, 1)})
+                                               "seconds": round(time.perf_counter() - start, 1)},
+                          box_prompts_trained=box_trained)
             print(f"pretrain: exported {source.name} (step {state['best_step'] or state['step']}) to {export}", flush=True)
         return 0
     finally:
