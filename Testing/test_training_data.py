@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from SAMMed3DMoELib import geometry
+from SAMMed3DMoELib import geometry, windows
 from SAMMed3DMoELib.evaluation import label_on_grid, load_case, read_dataset
+from SAMMed3DMoELib.errors import SAMMed3DError
 from SAMMed3DMoELib.volume_io import load_volume
-from Training.data import Augmentation, CropDataset, EpochSampler, Preprocessing, PreparedCases, build_items
+from Training.data import (Augmentation, CropDataset, EpochSampler, Preprocessing, PreparedCases, build_items,
+                           window_around)
 from training_helpers import converted_datasets
 
 
@@ -112,3 +114,27 @@ def test_workers_and_ranks_see_the_same_samples(tmp_path, datasets):
     sampler = EpochSampler(len(data), 0, 1, seed=5)
     sampler.set_position(epoch=1, skip=2)
     assert [i for i, _ in sampler] == [int(b["item"]) for b in alone][2:]
+
+
+def test_crops_centre_on_any_target_voxel_of_the_prepared_grid(tmp_path, datasets):
+    """The slab (20 slices of 2 mm) prepared at 3 mm has 14 slices (42 mm): its last slice's
+    centre lies past the source image, yet the label reaches it. A crop centred there must work
+    (window_for_point refuses that point), and elsewhere it is the session's own first window."""
+    info = read_dataset(datasets["Dataset503_CTSlab"])
+    cases = PreparedCases([info], Preprocessing(3.0, 64), tmp_path)
+    prepared = cases.prepared_volume(0)
+    label = cases.get(0)["label"].numpy()
+    last = label.shape[2] - 1
+    edge = np.argwhere(label[:, :, last] > 0)[0]
+    centre = (int(edge[0]), int(edge[1]), last)
+    with pytest.raises(SAMMed3DError, match="outside the image"):
+        windows.window_for_point(prepared, prepared.index_to_ras(np.asarray(centre, float)), 64)
+    assert window_around(centre, 64).start == (centre[0] - 32, centre[1] - 32, last - 32)
+    inner = (int(edge[0]), int(edge[1]), last // 2)
+    assert window_around(inner, 64) == windows.window_for_point(prepared, prepared.index_to_ras(np.asarray(inner, float)), 64)
+    # Every item of the slab gives samples (the first validation run on the slab stopped here).
+    data = CropDataset(cases, build_items(cases), Preprocessing(3.0, 64), seed=0, augment=Augmentation.none(),
+                       iterations=1)
+    for index in range(len(data)):
+        for epoch in range(3):
+            assert data[(index, epoch)]["target"].sum() > 0

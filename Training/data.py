@@ -238,6 +238,15 @@ def _crop_label(label: np.ndarray, window: windows.Window) -> np.ndarray:
     return out
 
 
+def window_around(index: Sequence[int], size: int) -> windows.Window:
+    """The window a session opens for a first click on prepared voxel ``index`` (it lands on
+    window index size // 2), computed on the prepared grid itself. Going through RAS and
+    ``window_for_point`` would refuse target voxels whose centre lies just past the source
+    image's extent: the prepared grid covers whole voxels of the new spacing (a 40 mm slab at
+    3 mm has 14 slices, 42 mm), and the label reaches its last slice."""
+    return windows.Window(tuple(int(i) - int(size) // 2 for i in index), int(size))
+
+
 class CropDataset(Dataset):
     """Samples of :class:`Item` s. Index with ``(item, epoch)`` (what :class:`EpochSampler`
     yields) or a plain item index (epoch 0). A sample is a dict:
@@ -289,8 +298,8 @@ class CropDataset(Dataset):
         label = self.cases.get(item.case)["label"].numpy()
         target_full = label == item.label_id
         inside = np.flatnonzero(target_full)
-        centre = np.asarray(np.unravel_index(inside[crop_rng.integers(len(inside))], target_full.shape), float)
-        window = windows.window_for_point(prepared, prepared.index_to_ras(centre), self.pre.window)
+        centre = np.unravel_index(inside[crop_rng.integers(len(inside))], target_full.shape)
+        window = window_around(centre, self.pre.window)
         j = self.augment.jitter
         if j > 0:
             window = windows.Window(tuple(np.asarray(window.start) + crop_rng.integers(-j, j + 1, size=3)), window.size)
