@@ -26,7 +26,7 @@ the masks are model windows).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .errors import SAMMed3DError
 
-__all__ = ["Click", "sample_clicks", "bounding_boxes", "first_click", "next_click", "CLICK_MODES"]
+__all__ = ["Click", "sample_clicks", "bounding_boxes", "first_click", "next_click", "simulate", "CLICK_MODES"]
 
 CLICK_MODES = ("uniform", "center")
 
@@ -176,3 +176,19 @@ def _center_click(pred: np.ndarray, tgt: np.ndarray, spacing) -> Optional[Click]
         if best is None or distance[index] > best[0]:
             best = (float(distance[index]), Click(tuple(int(i) for i in index), positive))
     return None if best is None else best[1]
+
+
+def simulate(session, target, n_clicks: int, rng: Optional[np.random.Generator] = None, mode: str = "uniform",
+             spacing: Optional[Sequence[float]] = None) -> Iterator[Tuple[Click, np.ndarray]]:
+    """Click an interactive ``session`` (:class:`~SAMMed3DMoELib.session.Session`) ``n_clicks``
+    times against ``target`` (bool [i, j, k] on the session's volume grid), each click chosen by
+    :func:`next_click` from the previous prediction. The session is reset first. Yields
+    ``(click, prediction)`` after each click, ``prediction`` bool [i, j, k] on the same grid."""
+    target = _as_bool(target, "the target")
+    session.reset()
+    prediction = np.zeros(target.shape, dtype=bool)
+    for _ in range(int(n_clicks)):
+        click = next_click(prediction, target, rng, mode, spacing)
+        session.add_point_ijk(click.index, positive=click.positive)
+        prediction = session.predict().full_mask(target.shape)
+        yield click, prediction

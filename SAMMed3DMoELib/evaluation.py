@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 
 from . import geometry, metrics
-from .clicks import next_click
+from .clicks import simulate
 from .errors import SAMMed3DError
 from .files import atomic_write_bytes
 from .geometry import Volume
@@ -310,12 +310,7 @@ def evaluate_case(
 
                     if clicks:
                         rng = _class_seed(seed, case, name)
-                        session.reset()
-                        prediction = np.zeros(image.shape, dtype=bool)
-                        for k in range(1, clicks[-1] + 1):
-                            click = next_click(prediction, ref, rng)
-                            session.add_point_ijk(click.index, positive=click.positive)
-                            prediction = session.predict().full_mask(image.shape)
+                        for k, (_, prediction) in enumerate(simulate(session, ref, clicks[-1], rng), start=1):
                             if k in clicks:
                                 record(prediction, k)
                     if box:
