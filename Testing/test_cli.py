@@ -673,21 +673,27 @@ def test_bundle_whose_base_is_on_the_hub(capsys, tmp_path, ct_path, models, hub_
     assert summary["voxels"] == direct["voxels"] and summary["gate_scores"] == direct["gate_scores"]
 
 
-@pytest.mark.slow
 def test_demo_clicks_the_organ_and_reports_dice(capsys, tmp_path, data_dir):
-    """The README's main command: full-size untrained network, one click inside the spleen."""
-    status = cli.main(["demo", "--data", str(data_dir), "--out", str(tmp_path), "--json"])
+    """The README's main command: the packaged demo model, three simulated clicks on the spleen
+    of the example CT, the mask on the CT's grid, the preview, Dice after each click."""
+    status = cli.main(["demo", "--data", str(data_dir), "--out", str(tmp_path), "--json", "--threads", "2"])
     assert status == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
-    assert "UNTRAINED" in captured.err and "Dice against the reference spleen label" in captured.err
-    labels = np.asarray(nib.load(data_dir / "example_seg.nii.gz").dataobj)
-    click = summary["prompts"][0]
-    ijk = np.round(np.linalg.inv(nib.load(data_dir / "example_ct_sm.nii.gz").affine)
-                   @ np.r_[click["ras"], 1.0])[:3].astype(int)
-    assert labels[tuple(ijk)] == 1, "the demo's click lies inside the spleen"
+    assert "not a clinical model" in captured.err.replace("\n", " ")
+    assert [line.split(":")[0] for line in captured.err.splitlines() if line.startswith("click ")] == \
+        ["click 1", "click 2", "click 3"]
+    final = [line for line in captured.err.splitlines() if "Dice against the reference spleen label" in line]
+    assert len(final) == 1 and "after 3 clicks" in final[0]
+    labels = np.asarray(nib.load(data_dir / "example_ct_seg.nii.gz").dataobj)
+    first = summary["prompts"][0]
+    assert len(summary["prompts"]) == 3 and first["positive"]
+    ijk = np.round(np.linalg.inv(nib.load(data_dir / "example_ct.nii.gz").affine)
+                   @ np.r_[first["ras"], 1.0])[:3].astype(int)
+    assert labels[tuple(ijk)] == 1, "the demo's first click lies inside the spleen"
     mask = nib.load(tmp_path / "spleen_mask.nii.gz")
     assert mask.shape == labels.shape and int(np.count_nonzero(mask.get_fdata())) == summary["voxels"]
+    assert summary["model"] == "demo" and summary["expert"] == "auto"
     assert (tmp_path / "spleen_preview.png").stat().st_size > 10_000
     assert cli.main(["demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     assert "sample data file" in capsys.readouterr().err

@@ -247,19 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
     # ---------------------------------------------------------------- demo
     demo = sub.add_parser(
         "demo", parents=[common, catalog_opt, consent], allow_abbrev=False,
-        help="segment an organ of the example CT with one click and compare with its reference label",
-        description="One click at the centre of an organ of the TotalSegmentator example CT "
-                    "(Resources/SampleData), segmented with --model (default: an UNTRAINED full-size network, "
-                    "which proves the pipeline runs but does not segment anything meaningful); writes "
-                    "the mask and a preview to --out and prints Dice against the reference label.",
+        help="segment an organ of the example CT with simulated clicks and compare with its reference label",
+        description="Simulated clicks on an organ of the TotalSegmentator example CT (Resources/SampleData): the "
+                    "first at the organ's most interior voxel, each later one at the most interior voxel of the "
+                    "largest error (positive on a miss, negative on a spill), as a user would click. Segmented "
+                    "with --model (default: 'demo', the small demonstration model shipped in the package, which "
+                    "works offline; it was trained on this patient's scans and is not a clinical model); writes "
+                    "the mask and a preview to --out and prints Dice against the reference label after each click.",
     )
     demo.add_argument("--out", type=Path, default=Path("demo-output"), metavar="DIR",
                       help="folder for the mask and the preview (default: demo-output)")
     demo.add_argument("--data", type=Path, default=SAMPLE_DATA_DIR, metavar="DIR",
                       help="the example data folder (default: the repository's Resources/SampleData/totalsegmentator-example)")
     demo.add_argument("--model", "-m", default=None, metavar="M",
-                      help="weights to use: catalog name, Hub repo, .pth or bundle (default: untrained)")
-    demo.add_argument("--target", default="spleen", help="organ name from example_seg_labels.json (default: spleen)")
+                      help="weights to use: catalog name, Hub repo, .pth or bundle (default: demo, the packaged "
+                           "demonstration model trained on one patient's scans; not a clinical model)")
+    demo.add_argument("--target", default="spleen",
+                      help="organ name from example_ct_seg_labels.json (default: spleen)")
+    demo.add_argument("--clicks", type=_positive_int, default=3, metavar="N", help="simulated clicks (default: 3)")
     demo.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     demo.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for PyTorch")
     demo.add_argument("--json", action="store_true", help="print a machine-readable summary (JSON) on stdout")
