@@ -85,6 +85,7 @@ def test_demo_is_a_packaged_offline_bundle_with_verified_files(demo_folder, demo
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, rel
     assert {v.dtype for v in demo.state_dict().values() if v.is_floating_point()} == {torch.float32}
     assert demo.expert_names == ["weak", "mr"] and demo.gate is not None
+    assert load_catalog()["demo"].box_prompts is demo.box_prompts_trained is True  # the catalog says what the bundle does
     assert demo.expert_info["mr"].modality == "MR" and "aorta" in demo.expert_info["weak"].targets
     for info in demo.expert_info.values():
         assert "one patient" in info.description and "not clinical" in info.description
