@@ -47,7 +47,6 @@ def cmd_demo(args) -> int:
     model_name = args.model or DEMO_MODEL
     if model_name == DEMO_MODEL:
         _err(DEMO_NOTE)
-    args.model = model_name
     model_path = _resolve(model_name, args)
     if model_path.is_dir():
         _confirm_bundle_base(model_path, args)
