@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from SAMMed3DMoELib import bundle
-from SAMMed3DMoELib.device import set_cpu_threads
 from SAMMed3DMoELib.errors import SAMMed3DError
 from SAMMed3DMoELib.moe import GENERAL
 
@@ -25,11 +24,11 @@ from . import checkpoints
 from .config import as_list, jsonable, parse_args, read_config_file, run_script
 from .data import (Augmentation, CropDataset, Preprocessing, add_data_arguments, augmentation_from_args,
                    describe_items, load_split)
-from .distributed import DistContext, init_distributed, shutdown
+from .distributed import DistContext
 from .embedding_cache import EmbeddingCache
 from .interactive import InteractiveSegmentation, click_dice, plan_for_step
 from .lora import DEFAULT_TARGETS, add_lora, lora_parameters, merge_lora
-from .loop import RunSettings, Task, add_loop_arguments, run, seed_everything
+from .loop import RunSettings, Task, add_loop_arguments, run, training_run
 from .models import write_provenance
 from .validation import add_prompt_arguments, validation_score
 
@@ -159,10 +158,7 @@ class ExpertTask(Task):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv)
-    set_cpu_threads(args.threads)
-    seed_everything(args.seed)
-    ctx = init_distributed(args.device)
-    try:
+    with training_run(args) as ctx:
         settings = RunSettings.from_args(args)
         spec = expert_spec(args)
         moe = bundle.load_bundle(args.bundle, device="cpu")
@@ -209,8 +205,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "embedding_cache": {"entries": len(cache), "hits": cache.hits, "misses": cache.misses}})
             print(f"finetune_expert: added expert {spec['name']!r} ({source_ck.name}) to {args.bundle}", flush=True)
         return 0
-    finally:
-        shutdown(ctx)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import argparse
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -22,12 +22,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
+from SAMMed3DMoELib.device import set_cpu_threads
 from SAMMed3DMoELib.errors import SAMMed3DError
 
 from . import checkpoints
 from .config import as_list
 from .data import CropDataset, EpochSampler, make_loader
-from .distributed import DistContext, all_reduce_sum, barrier
+from .distributed import DistContext, all_reduce_sum, barrier, init_distributed, shutdown
 
 SCHEDULES = ("multistep", "cosine", "constant")
 
@@ -113,6 +114,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def training_run(args: argparse.Namespace) -> Iterator[DistContext]:
+    """What every training script does around its work: CPU threads (``args.threads``), seeds
+    (``args.seed``), the process group on ``args.device``; the group is shut down however the
+    work ends."""
+    set_cpu_threads(args.threads)
+    seed_everything(args.seed)
+    ctx = init_distributed(args.device)
+    try:
+        yield ctx
+    finally:
+        shutdown(ctx)
 
 
 def lr_factor(step: int, s: RunSettings) -> float:

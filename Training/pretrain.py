@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 
-from SAMMed3DMoELib.device import set_cpu_threads
 from SAMMed3DMoELib.errors import SAMMed3DError
 
 from . import checkpoints
 from .config import as_list, jsonable, parse_args, run_script
 from .data import (Augmentation, CropDataset, Preprocessing, add_data_arguments, augmentation_from_args,
                    describe_items, load_split)
-from .distributed import DistContext, init_distributed, shutdown
+from .distributed import DistContext
 from .interactive import InteractiveSegmentation, click_dice, plan_for_step
-from .loop import RunSettings, Task, add_loop_arguments, run, seed_everything
+from .loop import RunSettings, Task, add_loop_arguments, run, training_run
 from .models import export_bundle, load_start, model_size
 from .validation import add_prompt_arguments, validation_score
 
@@ -123,10 +122,7 @@ class PretrainTask(Task):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv)
-    set_cpu_threads(args.threads)
-    seed_everything(args.seed)
-    ctx = init_distributed(args.device)
-    try:
+    with training_run(args) as ctx:
         settings = RunSettings.from_args(args)
         size = model_size(args.model_size)
         model, start_pre, origin, start_box_trained = load_start(args.init, size, args.box_prompts, args.seed)
@@ -168,8 +164,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           box_prompts_trained=box_trained)
             print(f"pretrain: exported {source.name} (step {state['best_step'] or state['step']}) to {export}", flush=True)
         return 0
-    finally:
-        shutdown(ctx)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from SAMMed3DMoELib import bundle
-from SAMMed3DMoELib.device import set_cpu_threads
 from SAMMed3DMoELib.errors import SAMMed3DError
 from SAMMed3DMoELib.model import GatingNetwork
 from SAMMed3DMoELib.moe import GENERAL, SamMed3DMoE
@@ -30,11 +29,11 @@ from . import checkpoints
 from .config import as_list, jsonable, parse_args, run_script
 from .data import (Augmentation, CropDataset, Item, Preprocessing, add_data_arguments, augmentation_from_args,
                    describe_items, load_split)
-from .distributed import DistContext, init_distributed, shutdown
+from .distributed import DistContext
 from .embedding_cache import EmbeddingCache
 from .finetune_expert import freeze_unreached
 from .interactive import GateTraining, click_dice
-from .loop import RunSettings, Task, add_loop_arguments, run, seed_everything
+from .loop import RunSettings, Task, add_loop_arguments, run, training_run
 from .models import write_provenance
 from .validation import add_prompt_arguments, validation_score
 
@@ -162,10 +161,7 @@ def choose_tau(task: GateTask, ctx: DistContext, taus: Sequence[float], clicks: 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv)
-    set_cpu_threads(args.threads)
-    seed_everything(args.seed)
-    ctx = init_distributed(args.device)
-    try:
+    with training_run(args) as ctx:
         settings = RunSettings.from_args(args)
         moe = bundle.load_bundle(args.bundle, device="cpu")
         if not moe.expert_names:
@@ -219,8 +215,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"train_gate: gate ({source.name}) and τ={moe.tau:g} written to {args.bundle}; routing accuracy "
                   f"{accuracy:.2f} on the {'validation' if val_data else 'training'} crops", flush=True)
         return 0
-    finally:
-        shutdown(ctx)
 
 
 if __name__ == "__main__":
