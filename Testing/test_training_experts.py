@@ -16,7 +16,10 @@ from SAMMed3DMoELib.evaluation import read_dataset
 from SAMMed3DMoELib.moe import SamMed3DMoE
 from Training import finetune_expert, train_gate
 from Training.data import Augmentation, CropDataset, Preprocessing, PreparedCases, build_items
+from Training.distributed import DistContext
+from Training.interactive import balanced_decoder_weights
 from Training.lora import add_lora
+from Training.validation import validation_score
 from training_helpers import TINY_RUN, checkpoint_model, converted_datasets, tiny_bundle, train_losses
 
 
@@ -98,3 +101,46 @@ def test_gate_routes_prompts_to_the_right_expert(setup, tmp_path):
                 right += int(scores[0].argmax()) == items[index].expert
                 total += 1
     assert right / total >= 0.8, f"{right}/{total} prompts routed to their expert"
+
+
+def test_balanced_gate_weights_give_every_decoder_the_same_total():
+    """20 general items, 5 of one expert, 14 of another (the demo's gate): after weighting, each
+    decoder's items weigh the same in total; a decoder without items keeps weight 1."""
+    labels = [0] * 20 + [1] * 5 + [2] * 14
+    weights = balanced_decoder_weights(labels, 4)
+    totals = [float(weights[d]) * labels.count(d) for d in range(3)]
+    assert totals == pytest.approx([len(labels) / 3] * 3)
+    assert float(weights[3]) == 1.0
+
+
+def test_validation_score_by_group_is_the_mean_over_groups():
+    """Three samples of group 0 with Dice 0.9 and one of group 1 with Dice 0.1: the plain mean is
+    0.7, the mean over groups 0.5 (what τ and the gate's best checkpoint are chosen by)."""
+    samples = [{"image": torch.zeros(1), "expert": torch.tensor(g), "dice": torch.tensor(d)}
+               for g, d in [(0, 0.9), (0, 0.9), (0, 0.9), (1, 0.1)]]
+
+    def run_batch(batch):
+        return [batch["dice"].tolist()]  # one click
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert validation_score(samples, run_batch, ctx, 2) == pytest.approx(0.7)
+    assert validation_score(samples, run_batch, ctx, 2, group_by="expert", groups=3) == pytest.approx(0.5)
+
+
+def test_balanced_gate_routes_a_small_expert(setup, tmp_path):
+    """Five general classes and one expert class (lungs): with the default balanced
+    cross-entropy the gate learns to send lung clicks to the expert instead of answering
+    "general" everywhere; gate.json reports routing accuracy per decoder."""
+    data, cache = setup
+    bundle = tiny_bundle(tmp_path / "bundle", {"lungs": (["lung_lower_lobe_left"], "CT")})
+    classes = ["liver", "spleen", "kidney_left", "kidney_right", "stomach", "lung_lower_lobe_left"]
+    argv = ["--bundle", str(bundle), "--classes", ",".join(classes), "--data", str(data), "--cache-dir", str(cache),
+            "--out", str(tmp_path / "run"), "--steps", "60", "--batch-size", "4", "--lr", "1e-2", "--weight-decay", "0",
+            "--schedule", "constant", "--gate-mlp-dim", "32", "--gate-hidden-dim", "16", "--iterations", "2",
+            "--dice-weight", "0", "--crops-per-item", "2", "--seed", "1", *TINY_RUN]
+    assert train_gate.main(argv) == 0
+    info = json.loads((bundle / "training" / "gate.json").read_text())
+    assert info["items_per_decoder"] == {"general": 5, "lungs": 1}
+    accuracy = info["routing_accuracy"]
+    assert set(accuracy) == {"all", "general", "lungs"}
+    assert accuracy["lungs"] == 1.0 and accuracy["general"] >= 0.6, accuracy

@@ -118,15 +118,19 @@ class GateTraining(nn.Module):
 
     Per iteration: cross-entropy of the gate's scores against the expert label (0 = general) plus
     DiceCE on the fused mask ``(1 - s_top)·σ(L_general) + s_top·σ(L_top)`` (paper §2.3 without
-    the threshold τ, which is chosen afterwards on validation data). The next click and mask
+    the threshold τ, which is chosen afterwards on validation data). ``decoder_weights``
+    (m+1,) weight the cross-entropy per expert label (:func:`balanced_decoder_weights`). The next click and mask
     prompt come from the fused mask, as in a session."""
 
-    def __init__(self, moe: SamMed3DMoE, ce_weight: float = 1.0, dice_weight: float = 1.0) -> None:
+    def __init__(self, moe: SamMed3DMoE, ce_weight: float = 1.0, dice_weight: float = 1.0,
+                 decoder_weights: Optional[Tensor] = None) -> None:
         super().__init__()
         self.moe = moe
         self.ce_weight = float(ce_weight)
         self.dice_weight = float(dice_weight)
         self.loss_fn = dice_ce_loss()
+        # (m+1,) cross-entropy weight of each decoder's label (see balanced_decoder_weights), or None
+        self.register_buffer("decoder_weights", decoder_weights, persistent=False)
 
     def forward(self, image: Tensor, target: Tensor, expert: Tensor, click_u: Tensor, iterations: int,
                 embeddings: Optional[Tensor] = None) -> Dict[str, Tensor]:
@@ -155,11 +159,24 @@ class GateTraining(nn.Module):
             chosen = expert_logits[top - 1, torch.arange(top.shape[0], device=top.device)]
             fused = probability_to_logits((1 - s_top) * torch.sigmoid(general) + s_top * torch.sigmoid(chosen))
             full = upsample(fused, size)
-            loss = self.ce_weight * F.cross_entropy(logits, expert) + self.dice_weight * self.loss_fn(full, target.float())
+            ce = F.cross_entropy(logits, expert, weight=self.decoder_weights)
+            loss = self.ce_weight * ce + self.dice_weight * self.loss_fn(full, target.float())
             total = total + loss
             correct = correct + (logits.argmax(-1) == expert).float().mean().detach()
             lowres = fused.detach()
         return {"loss": total, "gate_accuracy": correct / iterations}
+
+
+def balanced_decoder_weights(labels: Sequence[int], num_decoders: int) -> Tensor:
+    """(num_decoders,) cross-entropy weights that give each decoder's items the same total
+    weight (``n / (k · n_d)`` over the k decoders that have items; 1 for a decoder without
+    items). Without them a gate trained on, say, 20 general items and 5 of an expert learns to
+    answer "general" for every CT prompt."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_decoders).astype(np.float64)
+    present = counts > 0
+    weights = np.ones(num_decoders)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------- inference-time loop

@@ -32,7 +32,7 @@ from .data import (Augmentation, CropDataset, Item, Preprocessing, add_data_argu
 from .distributed import DistContext
 from .embedding_cache import EmbeddingCache
 from .finetune_expert import freeze_unreached
-from .interactive import GateTraining, click_dice
+from .interactive import GateTraining, balanced_decoder_weights, click_dice
 from .loop import RunSettings, Task, add_loop_arguments, run, training_run
 from .models import write_provenance
 from .validation import add_prompt_arguments, validation_score
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-lr", type=float, default=1e-4, help="learning rate of the experts (--update-top1-expert)")
     g.add_argument("--ce-weight", type=float, default=1.0, help="weight of the gate's cross-entropy")
     g.add_argument("--dice-weight", type=float, default=1.0, help="weight of the fused mask's DiceCE")
+    g.add_argument("--no-balance-decoders", dest="balance_decoders", action="store_false",
+                   help="weight the cross-entropy by item counts as they come (default: each decoder's items weigh "
+                        "as much in total as another's, and validation and τ use the mean over decoders)")
     g.add_argument("--taus", default=DEFAULT_TAUS, help="τ values tried on the validation data (paper: 0.5 beat 0.7)")
     g.add_argument("--tau-clicks", type=int, default=3, help="τ is scored by the mean Dice over clicks 1..N")
     g.add_argument("--crops-per-item", type=int, default=4, help="fixed crops per (case, class), each encoded once")
@@ -82,7 +85,7 @@ def label_items(moe: SamMed3DMoE, items: Sequence[Item]) -> List[Item]:
 class GateTask(Task):
     name = "gate"
 
-    def __init__(self, moe: SamMed3DMoE, args, cache: EmbeddingCache, val_data=None) -> None:
+    def __init__(self, moe: SamMed3DMoE, args, cache: EmbeddingCache, items: Sequence[Item], val_data=None) -> None:
         moe.requires_grad_(False)
         moe.gate.requires_grad_(True)
         self.top1 = bool(args.update_top1_expert)
@@ -92,7 +95,9 @@ class GateTask(Task):
                 freeze_unreached(decoder)
         self.moe, self.args, self.cache, self.val_data = moe, args, cache, val_data
         self.val_cache = EmbeddingCache(moe.base.image_encoder, enabled=cache.enabled)
-        self.module = GateTraining(moe, args.ce_weight, args.dice_weight)
+        self.decoders = 1 + len(moe.expert_names)
+        weights = balanced_decoder_weights([i.expert for i in items], self.decoders) if args.balance_decoders else None
+        self.module = GateTraining(moe, args.ce_weight, args.dice_weight, weights)
 
     def param_groups(self) -> List[dict]:
         experts = [p for d in self.moe.experts.values() for p in d.parameters() if p.requires_grad]
@@ -126,16 +131,21 @@ class GateTask(Task):
             return click_dice(lambda e, pts, box, low: moe.predict(e, pts, box, low).logits, emb, batch["target"],
                               batch["click_u"], clicks, moe.base.prompt_encoder.mask_input_size)
 
-        return validation_score(self.val_data, run_batch, ctx, 1)  # the gate decides per prompt set: one at a time
+        # the gate decides per prompt set: one at a time; balanced: the mean over the decoders' items
+        return validation_score(self.val_data, run_batch, ctx, 1, group_by="expert" if self.args.balance_decoders else None,
+                                groups=self.decoders)
 
     def validate(self, ctx: DistContext):
         return self.mixture_score(ctx, self.args.val_clicks)
 
-    def routing_accuracy(self, data: CropDataset, cache: EmbeddingCache) -> float:
-        """Fraction of first clicks the gate sends to the item's own expert (argmax of the scores)."""
+    def routing_accuracy(self, data: CropDataset, cache: EmbeddingCache) -> Dict[str, float]:
+        """Fraction of first clicks the gate sends to the item's own decoder (argmax of the
+        scores): ``{"all": ..., decoder name: ...}`` per decoder that has items."""
         from SAMMed3DMoELib.clicks import sample_clicks
 
-        moe, correct = self.moe, 0
+        moe = self.moe
+        names = [GENERAL] + moe.expert_names
+        right, seen = [0] * len(names), [0] * len(names)
         with torch.no_grad():
             for index in range(len(data)):
                 sample = data[index]
@@ -144,8 +154,12 @@ class GateTask(Task):
                 points = sample_clicks(torch.zeros_like(target) > 0, target > 0, sample["click_u"][:1])
                 sparse, _ = moe.base.prompt_encoder(points=points)
                 scores = moe.gate_scores(emb, sparse, SamMed3DMoE.prompt_mask(points, None, sparse))
-                correct += int(scores[0].argmax()) == int(sample["expert"])
-        return correct / max(1, len(data))
+                label = int(sample["expert"])
+                right[label] += int(scores[0].argmax()) == label
+                seen[label] += 1
+        out = {"all": sum(right) / max(1, sum(seen))}
+        out.update({name: r / n for name, r, n in zip(names, right, seen) if n})
+        return out
 
 
 def choose_tau(task: GateTask, ctx: DistContext, taus: Sequence[float], clicks: int) -> Dict[str, float]:
@@ -186,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    augment=Augmentation.none(), fixed_crops=1, iterations=max(args.val_clicks, args.tau_clicks),
                                    stream=1)
         cache = EmbeddingCache(moe.base.image_encoder, enabled=args.embedding_cache)
-        task = GateTask(moe, args, cache, val_data)
+        task = GateTask(moe, args, cache, items, val_data)
         counts = {name: sum(i.expert == k for i in items) for k, name in enumerate([GENERAL] + moe.expert_names)}
         options = {**jsonable(args), "preprocessing": pre.as_bundle(), "items": describe_items(items),
                    "items_per_decoder": counts}
@@ -212,8 +226,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "steps": state["step"], "tau": moe.tau, "tau_scores": tau_scores, "routing_accuracy": accuracy,
                 "seconds": round(time.perf_counter() - start, 1),
                 "embedding_cache": {"entries": len(cache), "hits": cache.hits, "misses": cache.misses}})
+            per_decoder = ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items() if k != "all")
             print(f"train_gate: gate ({source.name}) and τ={moe.tau:g} written to {args.bundle}; routing accuracy "
-                  f"{accuracy:.2f} on the {'validation' if val_data else 'training'} crops", flush=True)
+                  f"{accuracy['all']:.2f} ({per_decoder}) on the {'validation' if val_data else 'training'} crops",
+                  flush=True)
         return 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -27,15 +27,22 @@ def add_prompt_arguments(parser, *, iterations: int = 11, gate: bool = False) ->
 
 @torch.no_grad()
 def validation_score(data: CropDataset, run_batch: Callable[[Dict[str, torch.Tensor]], List[List[float]]],
-                     ctx: DistContext, batch_size: int) -> float:
+                     ctx: DistContext, batch_size: int, group_by: Optional[str] = None, groups: int = 1) -> float:
     """Mean of the per-click Dice values ``run_batch(batch) -> [click][sample]`` over the
-    validation samples, each rank taking every world_size-th sample."""
+    validation samples, each rank taking every world_size-th sample. With ``group_by`` (a batch
+    key holding an integer in 0..groups-1, e.g. "expert") the mean is taken per group first and
+    the score is the mean over the groups that occur, so that a small group counts as much as a
+    large one."""
     shard = Subset(data, list(range(ctx.rank, len(data), ctx.world_size)))
-    total, count = 0.0, 0
+    totals, counts = [0.0] * groups, [0.0] * groups
     for batch in DataLoader(shard, batch_size=max(1, batch_size), num_workers=0):
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        keys = batch[group_by].tolist() if group_by else [0] * batch["image"].shape[0]
         for per_click in run_batch(batch):
-            total += sum(per_click)
-            count += len(per_click)
-    total, count = all_reduce_sum(ctx, [total, float(count)])
-    return total / max(count, 1.0)
+            for key, dice in zip(keys, per_click):
+                totals[key] += dice
+                counts[key] += 1
+    reduced = all_reduce_sum(ctx, totals + counts)
+    totals, counts = reduced[:groups], reduced[groups:]
+    means = [t / c for t, c in zip(totals, counts) if c > 0]
+    return sum(means) / max(len(means), 1)
