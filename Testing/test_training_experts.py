@@ -65,6 +65,15 @@ def test_embedding_cache_gives_the_same_losses_and_lora_exports_a_plain_decoder(
     assert changed and all(".q_proj.weight" in k or ".v_proj.weight" in k or k.startswith("output_upscaling") for k in changed)
 
 
+def _gate_argv(bundle, classes, setup, out, *, steps: int, crops: int):
+    """train_gate options for a tiny gate trained on cross-entropy alone (constant lr 1e-2)."""
+    data, cache = setup
+    return ["--bundle", str(bundle), "--classes", ",".join(classes), "--data", str(data), "--cache-dir", str(cache),
+            "--out", str(out), "--steps", str(steps), "--batch-size", "4", "--lr", "1e-2", "--weight-decay", "0",
+            "--schedule", "constant", "--gate-mlp-dim", "32", "--gate-hidden-dim", "16", "--iterations", "2",
+            "--dice-weight", "0", "--crops-per-item", str(crops), "--seed", "1", *TINY_RUN]
+
+
 def test_gate_routes_prompts_to_the_right_expert(setup, tmp_path):
     """A small split of the example CT: lungs -> expert 'lungs', hips -> 'bones', liver and
     spleen -> general. After training, fresh clicks on the training crops go to the right
@@ -74,11 +83,7 @@ def test_gate_routes_prompts_to_the_right_expert(setup, tmp_path):
     bundle = tiny_bundle(tmp_path / "bundle", {"lungs": (["lung_lower_lobe_left", "lung_lower_lobe_right"], "CT"),
                                                "bones": (["hip_left", "hip_right"], "CT")})
     classes = ["liver", "spleen", "lung_lower_lobe_left", "lung_lower_lobe_right", "hip_left", "hip_right"]
-    argv = ["--bundle", str(bundle), "--classes", ",".join(classes), "--data", str(data), "--cache-dir", str(cache),
-            "--out", str(tmp_path / "run"), "--steps", "50", "--batch-size", "4", "--lr", "1e-2", "--weight-decay", "0",
-            "--schedule", "constant", "--gate-mlp-dim", "32", "--gate-hidden-dim", "16", "--iterations", "2",
-            "--dice-weight", "0", "--crops-per-item", "4", "--seed", "1", *TINY_RUN]
-    assert train_gate.main(argv) == 0
+    assert train_gate.main(_gate_argv(bundle, classes, setup, tmp_path / "run", steps=50, crops=4)) == 0
     moe = load_bundle(bundle)
     assert moe.gate is not None and moe.gate.num_experts == 2
     info = json.loads((bundle / "training" / "gate.json").read_text())
@@ -131,14 +136,9 @@ def test_balanced_gate_routes_a_small_expert(setup, tmp_path):
     """Five general classes and one expert class (lungs): with the default balanced
     cross-entropy the gate learns to send lung clicks to the expert instead of answering
     "general" everywhere; gate.json reports routing accuracy per decoder."""
-    data, cache = setup
     bundle = tiny_bundle(tmp_path / "bundle", {"lungs": (["lung_lower_lobe_left"], "CT")})
     classes = ["liver", "spleen", "kidney_left", "kidney_right", "stomach", "lung_lower_lobe_left"]
-    argv = ["--bundle", str(bundle), "--classes", ",".join(classes), "--data", str(data), "--cache-dir", str(cache),
-            "--out", str(tmp_path / "run"), "--steps", "60", "--batch-size", "4", "--lr", "1e-2", "--weight-decay", "0",
-            "--schedule", "constant", "--gate-mlp-dim", "32", "--gate-hidden-dim", "16", "--iterations", "2",
-            "--dice-weight", "0", "--crops-per-item", "2", "--seed", "1", *TINY_RUN]
-    assert train_gate.main(argv) == 0
+    assert train_gate.main(_gate_argv(bundle, classes, setup, tmp_path / "run", steps=60, crops=2)) == 0
     info = json.loads((bundle / "training" / "gate.json").read_text())
     assert info["items_per_decoder"] == {"general": 5, "lungs": 1}
     accuracy = info["routing_accuracy"]
