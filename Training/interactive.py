@@ -119,8 +119,9 @@ class GateTraining(nn.Module):
     Per iteration: cross-entropy of the gate's scores against the expert label (0 = general) plus
     DiceCE on the fused mask ``(1 - s_top)·σ(L_general) + s_top·σ(L_top)`` (paper §2.3 without
     the threshold τ, which is chosen afterwards on validation data). ``decoder_weights``
-    (m+1,) weight the cross-entropy per expert label (:func:`balanced_decoder_weights`). The next click and mask
-    prompt come from the fused mask, as in a session."""
+    (m+1,), or None: the cross-entropy weight of each decoder's label
+    (:func:`balanced_decoder_weights`). The next click and mask prompt come from the fused mask,
+    as in a session."""
 
     def __init__(self, moe: SamMed3DMoE, ce_weight: float = 1.0, dice_weight: float = 1.0,
                  decoder_weights: Optional[Tensor] = None) -> None:
@@ -129,7 +130,6 @@ class GateTraining(nn.Module):
         self.ce_weight = float(ce_weight)
         self.dice_weight = float(dice_weight)
         self.loss_fn = dice_ce_loss()
-        # (m+1,) cross-entropy weight of each decoder's label (see balanced_decoder_weights), or None
         self.register_buffer("decoder_weights", decoder_weights, persistent=False)
 
     def forward(self, image: Tensor, target: Tensor, expert: Tensor, click_u: Tensor, iterations: int,
