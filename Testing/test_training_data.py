@@ -64,6 +64,8 @@ def test_prepared_cases_are_computed_once_and_keyed_by_file_and_settings(tmp_pat
     again = PreparedCases([info], pre, tmp_path).get(0)
     assert sorted(tmp_path.glob("*.pt")) == files and files[0].stat().st_mtime_ns == stamp  # read, not redone
     assert torch.equal(first["image"], again["image"]) and torch.equal(first["label"], again["label"])
+    stored = torch.load(files[0], weights_only=True)  # the prepared arrays, not the file names (cache v1)
+    assert torch.equal(stored["image"], first["image"]) and torch.equal(stored["label"], first["label"])
     # It is the engine's own preprocessing.
     image, label = load_case(info.cases[0])
     prepared = geometry.prepare_volume(image, spacing=3.0, modality="CT")
@@ -138,3 +140,4 @@ def test_crops_centre_on_any_target_voxel_of_the_prepared_grid(tmp_path, dataset
     for index in range(len(data)):
         for epoch in range(3):
             assert data[(index, epoch)]["target"].sum() > 0
+

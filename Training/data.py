@@ -30,6 +30,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from monai.transforms import Transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from SAMMed3DMoELib import geometry, windows
@@ -37,7 +38,7 @@ from SAMMed3DMoELib.errors import SAMMed3DError
 from SAMMed3DMoELib.evaluation import CaseFiles, DatasetInfo, load_case, read_dataset
 from SAMMed3DMoELib.geometry import PreparedVolume, Volume
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the prepared arrays are stored (1 stored only the file names: nothing was cached)
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,9 @@ def _stamp(path: Path) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-class PrepareCase:
-    """MONAI-style deterministic transform: a case's file names -> the prepared image, its label
+class PrepareCase(Transform):
+    """MONAI deterministic transform (a ``Transform`` and not randomizable, so that
+    ``PersistentDataset`` stores its result; it stores no plain callable's): a case's file names -> the prepared image, its label
     map on the prepared grid, and the grid's geometry, as tensors (cacheable with weights_only)."""
 
     def __call__(self, item: dict) -> dict:
