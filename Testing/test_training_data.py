@@ -15,8 +15,8 @@ from SAMMed3DMoELib import geometry, windows
 from SAMMed3DMoELib.evaluation import label_on_grid, load_case, read_dataset
 from SAMMed3DMoELib.errors import SAMMed3DError
 from SAMMed3DMoELib.volume_io import load_volume
-from Training.data import (Augmentation, CropDataset, EpochSampler, Preprocessing, PreparedCases, build_items,
-                           window_around)
+from Training.data import (OTHER_TARGET_MIN_VOXELS, Augmentation, CropDataset, EpochSampler, Item, Preprocessing,
+                           PreparedCases, augmentation_from_args, build_items, window_around)
 from training_helpers import converted_datasets
 
 
@@ -141,3 +141,41 @@ def test_crops_centre_on_any_target_voxel_of_the_prepared_grid(tmp_path, dataset
         for epoch in range(3):
             assert data[(index, epoch)]["target"].sum() > 0
 
+
+def test_other_target_is_a_run_class_that_the_window_shows(tmp_path, datasets):
+    """--other-target-prob: the target may be another of the run's classes in the same window
+    (never a class outside the run, never one with fewer than OTHER_TARGET_MIN_VOXELS voxels
+    there); the gate's label follows the target."""
+    data = _dataset(datasets, tmp_path, augment=Augmentation(other_target_prob=1.0))
+    liver, spleen, aorta = (Item(0, i, name, "d", "CT", 1000, expert=e)
+                            for i, name, e in ((5, "liver", 0), (1, "spleen", 1), (52, "aorta", 2)))
+    data._case_classes = {0: {item.label_id: item for item in (liver, spleen, aorta)}}
+    crop = np.zeros((32, 32, 32), np.int16)
+    crop[:10] = 5                                  # liver: shown
+    crop[10:20] = 1                                # spleen: shown
+    crop[20:21, :2, :OTHER_TARGET_MIN_VOXELS // 2 - 1] = 52  # aorta: too few voxels here
+    crop[25:] = 2                                  # kidney_right: shown, but not a class of the run
+    chosen = {data._target_in_window(liver, crop, seed) for seed in range(40)}
+    assert chosen == {liver, spleen}
+    assert data._target_in_window(aorta, np.zeros_like(crop), 0) == aorta  # nothing else shown
+    plain = _dataset(datasets, tmp_path)
+    assert {plain._target_in_window(liver, crop, seed) for seed in range(10)} == {liver}
+
+    # On the real scan: the same windows and images, some targets changed, each a whole class.
+    other = _dataset(datasets, tmp_path, augment=Augmentation(other_target_prob=1.0, flip_prob=0.0))
+    centred = _dataset(datasets, tmp_path, augment=Augmentation(flip_prob=0.0))
+    changed = 0
+    for key in [(i, e) for i in range(len(other)) for e in range(3)]:
+        a, b = centred[key], other[key]
+        assert torch.equal(a["image"], b["image"])
+        changed += not torch.equal(a["target"], b["target"])
+        assert b["target"].sum() >= OTHER_TARGET_MIN_VOXELS or torch.equal(a["target"], b["target"])
+    assert changed > 0
+
+
+def test_other_target_probability_must_be_a_probability():
+    import argparse
+
+    args = argparse.Namespace(crop_jitter=8, flip_prob=0.5, intensity_prob=0.5, box_jitter=2.0, other_target_prob=1.5)
+    with pytest.raises(SAMMed3DError, match="--other-target-prob must lie in \\[0, 1\\]"):
+        augmentation_from_args(args)

@@ -10,7 +10,8 @@
   :func:`SAMMed3DMoELib.windows.extract_window` (z-score over voxels > 0), centred as the
   session centres its first window on a first click (a uniform voxel of the target), moved by a
   small random jitter, then flipped along the three axes and mildly rescaled/shifted in intensity
-  with MONAI transforms.
+  with MONAI transforms. With ``--other-target-prob`` the target is sometimes another of the run's
+  classes that the window shows, so that the click, not the window's centre, names the target.
 
 Every random choice of a sample comes from a seed derived from (run seed, item, epoch or crop
 variant), never from a worker's or a rank's random state: the data are the same whatever the
@@ -209,7 +210,8 @@ def build_items(cases: PreparedCases, classes: Sequence[str] = (), exclude: Sequ
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random changes of a sample: window jitter (voxels), flips per axis, intensity scale/shift."""
+    """Random changes of a sample: window jitter (voxels), flips per axis, intensity scale/shift,
+    and how often the target is another class the window shows (``other_target_prob``)."""
 
     jitter: int = 8
     flip_prob: float = 0.5
@@ -217,6 +219,7 @@ class Augmentation:
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
     box_jitter: float = 2.0
+    other_target_prob: float = 0.0
 
     @classmethod
     def none(cls) -> "Augmentation":
@@ -238,6 +241,9 @@ def _crop_label(label: np.ndarray, window: windows.Window) -> np.ndarray:
         out[tuple(slice(l_ - a, h - a) for l_, h, a in zip(lo, hi, window.start))] = \
             label[tuple(slice(l_, h) for l_, h in zip(lo, hi))]
     return out
+
+
+OTHER_TARGET_MIN_VOXELS = 64
 
 
 def window_around(index: Sequence[int], size: int) -> windows.Window:
@@ -269,6 +275,9 @@ class CropDataset(Dataset):
         self.fixed_crops = int(fixed_crops)
         self.iterations = int(iterations)
         self.stream = int(stream)  # keeps training and validation samples apart
+        self._case_classes: Dict[int, Dict[int, Item]] = {}
+        for item in self.items:
+            self._case_classes.setdefault(item.case, {})[item.label_id] = item
         self._transform = self._build_transform()
 
     def _build_transform(self):
@@ -298,15 +307,16 @@ class CropDataset(Dataset):
         click_rng = np.random.default_rng(sample_seed(self.seed, self.stream, index, int(epoch), 2))
         prepared = self.cases.prepared_volume(item.case)
         label = self.cases.get(item.case)["label"].numpy()
-        target_full = label == item.label_id
-        inside = np.flatnonzero(target_full)
-        centre = np.unravel_index(inside[crop_rng.integers(len(inside))], target_full.shape)
+        inside = np.flatnonzero(label == item.label_id)
+        centre = np.unravel_index(inside[crop_rng.integers(len(inside))], label.shape)
         window = window_around(centre, self.pre.window)
         j = self.augment.jitter
         if j > 0:
             window = windows.Window(tuple(np.asarray(window.start) + crop_rng.integers(-j, j + 1, size=3)), window.size)
         image = windows.extract_window(prepared, window)
-        target = _crop_label(target_full, window).astype(np.float32)
+        crop = _crop_label(label, window)
+        target_item = self._target_in_window(item, crop, sample_seed(self.seed, self.stream, index, int(epoch), 3))
+        target = (crop == target_item.label_id).astype(np.float32)
         self._transform.set_random_state(seed=int(crop_rng.integers(2 ** 31)))
         out = self._transform({"image": torch.from_numpy(image)[None], "target": torch.from_numpy(target)[None]})
         image_t, target_t = (torch.as_tensor(out[k]).float().contiguous() for k in ("image", "target"))
@@ -316,10 +326,28 @@ class CropDataset(Dataset):
             "target": target_t,
             "click_u": torch.from_numpy(click_rng.random(self.iterations)),
             "box_jitter": torch.from_numpy(box_jitter).float(),
-            "expert": torch.tensor(item.expert, dtype=torch.long),
+            "expert": torch.tensor(target_item.expert, dtype=torch.long),
             "item": torch.tensor(index, dtype=torch.long),
             "variant": torch.tensor(variant, dtype=torch.long),
         }
+
+
+    def _target_in_window(self, item: Item, crop: np.ndarray, seed: int) -> Item:
+        """The item the window is centred on or, with probability ``other_target_prob``, a class
+        drawn uniformly from the run's classes of this case that the window shows with at least
+        ``OTHER_TARGET_MIN_VOXELS`` voxels (the centred one among them). Then the window's centre
+        no longer names the target; only the click does, as when a user clicks a structure
+        off-centre in a window that is already open."""
+        p = self.augment.other_target_prob
+        if p <= 0:
+            return item
+        rng = np.random.default_rng(seed)
+        if rng.random() >= p:
+            return item
+        classes = self._case_classes[item.case]
+        counts = np.bincount(crop.ravel().astype(np.int64).clip(min=0), minlength=max(classes) + 1)
+        shown = [classes[i] for i in sorted(classes) if counts[i] >= OTHER_TARGET_MIN_VOXELS]
+        return shown[rng.integers(len(shown))] if shown else item
 
 
 class EpochSampler(Sampler):
@@ -395,11 +423,16 @@ def add_data_arguments(parser, *, flips: bool = True) -> None:
     a.add_argument("--intensity-prob", type=float, default=0.5,
                    help="probability of a random intensity scale (±10 %%) and of a shift (±0.1 SD)")
     a.add_argument("--box-jitter", type=float, default=2.0, help="random shift of box corners in voxels")
+    a.add_argument("--other-target-prob", type=float, default=0.0,
+                   help="probability that a sample's target is another of the run's classes that the window shows, "
+                        "not the one it is centred on (SAM's several targets per image): only the click names it")
 
 
 def augmentation_from_args(args) -> Augmentation:
+    if not 0.0 <= args.other_target_prob <= 1.0:
+        raise SAMMed3DError(f"--other-target-prob must lie in [0, 1], not {args.other_target_prob}")
     return Augmentation(jitter=args.crop_jitter, flip_prob=args.flip_prob, intensity_prob=args.intensity_prob,
-                        box_jitter=args.box_jitter)
+                        box_jitter=args.box_jitter, other_target_prob=args.other_target_prob)
 
 
 def load_split(folders: Sequence, pre: Preprocessing, cache_dir, ctx, *, classes: Sequence[str] = (),
