@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from click_following import clicked_structures
 from conftest import require_fixture
 from SAMMed3DMoELib import bundle, clicks, evaluation, hub
 from SAMMed3DMoELib.catalog import load_catalog
@@ -115,6 +116,20 @@ def test_three_clicks_segment_the_spleen_of_the_example_ct(demo, example_ct):
     scores = [dice(prediction, reference) for _, prediction in
               clicks.simulate(session, reference, 3, mode="center", spacing=volume.spacing)]
     assert scores[-1] >= SPLEEN_DICE_FLOOR, scores
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped demo model segments what lies at the window's centre, not the "
+                   "structure clicked (issue 9; Training/README.md, 'The demo model'); a model that passes turns this "
+                   "into a failure (XPASS): then remove the mark")
+def test_a_click_names_the_structure_in_a_window_centred_elsewhere(demo, example_ct):
+    """One window centred on the spleen (a session's window after a first click there); one
+    click at the centre of each other structure in it: the mask lands on the clicked one."""
+    volume, label, ids = example_ct
+    classes = ["spleen", "kidney_left", "stomach", "colon", "liver", "vertebrae_L1", "aorta"]
+    answers = clicked_structures(demo, volume, label, ids, "spleen", classes, expert=AUTO)
+    assert len(answers) >= 5, answers  # the structures are in the window
+    hits = sum(clicked == found for clicked, found in answers.items())
+    assert hits >= len(answers) - 1, answers
 
 
 def _stored(volume: Volume, label: np.ndarray, change: str, folder):

@@ -1,0 +1,60 @@
+"""Does a model segment the structure that was clicked, or the one at the window's centre?
+
+One window is opened centred on one structure (as the session opens it on a first click there);
+then each of several structures in that window gets one positive click at its most interior
+voxel, decoded on the same image embedding. A model that follows the click answers with a mask
+on the clicked structure; one that learned "segment what is at the centre" answers with the
+centre structure every time.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+from scipy.ndimage import distance_transform_edt
+
+from SAMMed3DMoELib import geometry, windows
+from SAMMed3DMoELib.moe import GENERAL
+
+
+def _most_interior(mask: np.ndarray) -> np.ndarray:
+    distance = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
+    return np.asarray(np.unravel_index(int(np.argmax(distance)), mask.shape))
+
+
+def clicked_structures(model, volume: geometry.Volume, label: np.ndarray, ids: Dict[str, int], centre: str,
+                       classes: Sequence[str], expert: str = GENERAL, modality: str = "CT") -> Dict[str, str]:
+    """{clicked class: the class its mask overlaps most} in a window centred on ``centre``.
+
+    ``label`` is the reference label map on ``volume``'s grid; ``ids`` maps class names to label
+    ids. Classes with fewer than 64 voxels in the window are left out."""
+    pre = model.preprocessing
+    prepared = geometry.prepare_volume(volume, spacing=pre["spacing_mm"], modality=modality,
+                                       ct_clamp=pre.get("ct_clamp"))
+    on_grid = geometry.resample_label(label, volume, prepared)
+    size = int(pre["window"])
+    window = windows.Window(tuple(int(i) - size // 2 for i in _most_interior(on_grid == ids[centre])), size)
+    crop = np.zeros((size,) * 3, on_grid.dtype)
+    lo = [max(0, s) for s in window.start]
+    hi = [min(n, s + size) for s, n in zip(window.start, on_grid.shape)]
+    crop[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, window.start))] = \
+        on_grid[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    image = windows.extract_window_tensor(prepared, window, "cpu")[None, None]
+    lowres = model.base.prompt_encoder.mask_input_size
+    answers = {}
+    with torch.inference_mode():
+        embedding = model.encode(image)
+        for name in classes:
+            target = crop == ids[name]
+            if target.sum() < 64:
+                continue
+            point = torch.tensor(_most_interior(target)[None, None], dtype=torch.float32)
+            prediction = model.predict(embedding, points=(point, torch.ones((1, 1), dtype=torch.long)),
+                                       mask_logits=torch.zeros((1, 1) + tuple(lowres)), expert=expert)
+            logits = torch.nn.functional.interpolate(prediction.logits.float(), size=(size,) * 3, mode="trilinear")
+            mask = logits[0, 0].numpy() > 0
+            overlaps = {other: int((mask & (crop == ids[other])).sum()) for other in classes}
+            answers[name] = max(overlaps, key=overlaps.get)
+    return answers
