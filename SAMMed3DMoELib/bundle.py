@@ -262,6 +262,10 @@ def _validate_model_config(raw: Mapping, c: _Checker) -> dict:
             c.require(all(isinstance(v, int) and not isinstance(v, bool) for v in value),
                       f"'{where}{key}' must be a list of integers")
             config[key] = tuple(value)
+        elif key == "click_mark_radius":
+            value = c.field(raw, key, (int, float), where, default=default)
+            c.require(math.isfinite(value) and value >= 0, f"'{where}{key}' must be a number >= 0 (0: off)")
+            config[key] = float(value)
         elif isinstance(default, float):
             value = c.field(raw, key, (int, float), where, default=default)
             c.require(math.isfinite(value) and value > 0, f"'{where}{key}' must be a positive number")

@@ -107,6 +107,27 @@ def test_bundle_keeps_preprocessing_and_settings(tmp_path):
         B.save_bundle(moe, tmp_path / "bad", preprocessing={"spacing_mm": -1})
 
 
+def test_bundle_records_click_marks(tmp_path):
+    """A model trained with clicks marked in the mask prompt loads with them (same predictions);
+    a config without the field (bundles of the official networks) means no marks."""
+    from SAMMed3DMoELib.model import build_sam_med3d
+
+    torch.manual_seed(0)
+    marked = SamMed3DMoE(build_sam_med3d(box_prompts=True, click_mark_radius=6.0, **TINY))
+    folder = B.save_bundle(marked, tmp_path / "marked")
+    assert B.read_bundle_config(folder)["base"]["model_config"]["click_mark_radius"] == 6.0
+    loaded = B.load_bundle(folder)
+    assert loaded.base.prompt_encoder.click_mark_radius == 6.0
+    assert torch.equal(_predict(loaded).logits, _predict(marked).logits)
+
+    def drop_field(config):
+        config["base"]["model_config"].pop("click_mark_radius")
+
+    official = B.save_bundle(tiny_moe(num_experts=1), tmp_path / "official")
+    _edit_config(official, drop_field)
+    assert B.load_bundle(official).base.prompt_encoder.click_mark_radius == 0.0
+
+
 def test_bundle_records_whether_box_prompts_were_trained(tmp_path):
     """The session sends boxes as real prompts only to a model whose box embeddings were trained;
     the flag survives a save/load round trip and an expert edit."""
@@ -170,6 +191,7 @@ def _set(path, value):
     (_set(["selector"], "best"), "'selector' must be one of"),
     (_set(["base", "model_config", "img_size"], "big"), "img_size' must be an integer"),
     (_set(["base", "model_config", "depth"], 3), "unknown field"),
+    (_set(["base", "model_config", "click_mark_radius"], -1), "click_mark_radius' must be a number >= 0"),
     (lambda c: c["base"].update(hub={"repo_id": "a/b", "filename": "m.pth"}), "not both"),
     (_set(["base", "box_prompts_trained"], "yes"), "'base.box_prompts_trained' must be"),
     (lambda c: c["base"].update(box_prompts_trained=True) or c["base"]["model_config"].update(box_prompts=False),

@@ -142,6 +142,37 @@ def test_dense_pe_keeps_the_official_axis_swap(reference_model_f64):
     assert not torch.allclose(point, pe[:, a, b, c], atol=1e-3)
 
 
+def test_click_marks_in_the_mask_prompt():
+    """click_mark_radius > 0 (models trained so; 0 in the official networks): a ball of ±10 logits
+    around each positive/negative click in the low-res mask prompt, over the given logits, and
+    the dense embedding then comes from that prompt. At 0 the prompt encoder is the official one."""
+    from SAMMed3DMoELib.model.prompt_encoder import CLICK_MARK_LOGIT
+
+    size = dict(img_size=64, patch_size=8, encoder_embed_dim=48, encoder_depth=1, encoder_num_heads=4,
+                encoder_global_attn_indexes=(0,), window_size=4, prompt_embed_dim=48)
+    torch.manual_seed(0)
+    marked = build_sam_med3d(click_mark_radius=4, **size)
+    plain = build_sam_med3d(**size)
+    plain.load_state_dict(marked.state_dict())
+    coords, labels = torch.tensor([[[10.0, 20.0, 30.0], [50.0, 50.0, 50.0]]]), torch.tensor([[1, 0]])
+    previous = torch.full((1, 1, 32, 32, 32), 3.0)
+    masks = marked.prompt_encoder.mark_clicks(previous, coords, labels)
+    positive, negative = masks[0, 0] == CLICK_MARK_LOGIT, masks[0, 0] == -CLICK_MARK_LOGIT
+    # Voxel (10, 20, 30) of the 64³ window is at (4.75, 9.75, 14.75) on the 32³ grid; radius 4 -> 2.
+    assert torch.allclose(positive.nonzero().double().mean(0), torch.tensor([4.75, 9.75, 14.75], dtype=torch.float64),
+                          atol=0.3)
+    assert 20 <= int(positive.sum()) <= 40 and int(negative.sum()) == int(positive.sum())
+    assert bool((masks[0, 0][~positive & ~negative] == 3.0).all())  # the rest of the prompt is kept
+
+    with torch.no_grad():
+        sparse, dense = marked.prompt_encoder(points=(coords, labels))
+        plain_sparse, plain_dense = plain.prompt_encoder(points=(coords, labels))
+        _, from_marks = plain.prompt_encoder(points=(coords, labels), masks=masks.new_zeros(masks.shape).where(
+            ~(positive | negative)[None, None], masks))
+    assert torch.equal(sparse, plain_sparse)  # the points' own tokens are unchanged
+    assert torch.allclose(dense, from_marks) and not torch.allclose(dense, plain_dense)
+
+
 def test_box_needs_box_checkpoint():
     model = build_sam_med3d(box_prompts=False, img_size=32, encoder_embed_dim=48, encoder_depth=1,
                             encoder_num_heads=4, encoder_global_attn_indexes=(), window_size=3,

@@ -42,8 +42,19 @@ class PositionEmbeddingRandom3D(nn.Module):
         return self._encode(coords / scale)
 
 
+CLICK_MARK_LOGIT = 10.0
+"""Logit written into the mask prompt around a click (+ positive, - negative) when click marks are on."""
+
+
 class PromptEncoder3D(nn.Module):
-    """Points, boxes and a low-res mask prompt -> sparse (B, N, C) and dense (B, C, 8, 8, 8)."""
+    """Points, boxes and a low-res mask prompt -> sparse (B, N, C) and dense (B, C, 8, 8, 8).
+
+    ``click_mark_radius`` > 0 (voxels of the input window; 0 in the official networks) also marks
+    each click in the mask prompt: a ball of that radius set to +CLICK_MARK_LOGIT (positive) or
+    -CLICK_MARK_LOGIT (negative) over the given low-res logits (zeros when there are none). The
+    mask prompt reaches the image embedding through convolutions, on the grid itself, so a model
+    trained so can tell which structure a click is on without learning it from the points'
+    positional codes alone."""
 
     def __init__(
         self,
@@ -52,8 +63,10 @@ class PromptEncoder3D(nn.Module):
         input_image_size: Tuple[int, int, int] = (128, 128, 128),
         mask_in_chans: int = 16,
         box_prompts: bool = False,
+        click_mark_radius: float = 0.0,
     ) -> None:
         super().__init__()
+        self.click_mark_radius = float(click_mark_radius)
         self.embed_dim = embed_dim
         self.input_image_size = tuple(input_image_size)
         self.image_embedding_size = tuple(image_embedding_size)
@@ -90,6 +103,25 @@ class PromptEncoder3D(nn.Module):
         embedding = embedding + (labels == 1) * self.point_embeddings[1].weight
         return embedding
 
+    def mark_clicks(self, masks: Optional[Tensor], coords: Tensor, labels: Tensor) -> Tensor:
+        """(B, 1, *mask_input_size) logits: ``masks`` (or zeros) with a ball of radius
+        ``click_mark_radius`` input voxels set to ±CLICK_MARK_LOGIT around each positive (label 1)
+        or negative (label 0) click of ``coords`` (B, N, 3) voxel indices of the input window."""
+        size = self.mask_input_size
+        if masks is None:
+            masks = coords.new_zeros((coords.shape[0], 1) + size)
+        scale = torch.tensor([m / i for m, i in zip(size, self.input_image_size)], dtype=coords.dtype,
+                             device=coords.device)
+        centres = (coords + 0.5) * scale - 0.5  # low-res voxel indices
+        axes = [torch.arange(n, dtype=coords.dtype, device=coords.device) for n in size]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (X, Y, Z, 3)
+        radius = self.click_mark_radius * float(scale.min())
+        inside = ((grid[None, None] - centres[:, :, None, None, None, :]) ** 2).sum(-1) <= radius ** 2
+        for label, value in ((1, CLICK_MARK_LOGIT), (0, -CLICK_MARK_LOGIT)):
+            hit = (inside & (labels == label)[:, :, None, None, None]).any(dim=1)[:, None]
+            masks = torch.where(hit, masks.new_tensor(value), masks)
+        return masks
+
     def _embed_boxes(self, boxes: Tensor) -> Tensor:
         if not self.box_prompts:
             raise ValueError(
@@ -124,6 +156,9 @@ class PromptEncoder3D(nn.Module):
             sparse = torch.cat([sparse, self._embed_points(coords.to(weight.dtype), labels, pad=boxes is None)], dim=1)
         if boxes is not None:
             sparse = torch.cat([sparse, self._embed_boxes(boxes.to(weight.dtype))], dim=1)
+        if points is not None and self.click_mark_radius > 0:
+            masks = self.mark_clicks(None if masks is None else masks.to(weight.dtype), points[0].to(weight.dtype),
+                                     points[1])
         if masks is not None:
             dense = self.mask_downscaling(masks.to(weight.dtype))
         else:

@@ -81,6 +81,7 @@ VIT_B_ORI = dict(
     decoder_depth=2,
     decoder_heads=8,
     decoder_mlp_dim=2048,
+    click_mark_radius=0.0,  # clicks also marked in the mask prompt (PromptEncoder3D); 0 in official networks
 )
 
 
@@ -131,6 +132,7 @@ def build_sam_med3d(box_prompts: bool = False, **size) -> SamMed3D:
         input_image_size=(config["img_size"],) * 3,
         mask_in_chans=config["mask_in_chans"],
         box_prompts=box_prompts,
+        click_mark_radius=config["click_mark_radius"],
     )
     model = SamMed3D(encoder, prompt_encoder, build_mask_decoder(config), config)
     return model.eval()
