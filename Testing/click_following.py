@@ -9,7 +9,7 @@ centre structure every time.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +17,13 @@ from scipy.ndimage import distance_transform_edt
 
 from SAMMed3DMoELib import geometry, windows
 from SAMMed3DMoELib.moe import GENERAL
+
+
+CENTRES = ("spleen", "liver", "kidney_left", "vertebrae_L3", "stomach")
+"""Structures of the example CT that the scored windows are centred on."""
+STRUCTURES = ("spleen", "kidney_left", "stomach", "colon", "liver", "vertebrae_L1", "kidney_right",
+              "lung_lower_lobe_left", "iliopsoas_left", "vertebrae_L3")
+"""Structures clicked in each window (classes of the demo's general model)."""
 
 
 def _most_interior(mask: np.ndarray) -> np.ndarray:
@@ -58,3 +65,15 @@ def clicked_structures(model, volume: geometry.Volume, label: np.ndarray, ids: D
             overlaps = {other: int((mask & (crop == ids[other])).sum()) for other in classes}
             answers[name] = max(overlaps, key=overlaps.get)
     return answers
+
+
+def click_following_score(model, volume: geometry.Volume, label: np.ndarray, ids: Dict[str, int],
+                          expert: str = GENERAL) -> Tuple[int, int]:
+    """(clicks whose mask lies mostly on the clicked structure, clicks) over windows centred on
+    each of CENTRES, each clicked on every one of STRUCTURES that it shows."""
+    hits = total = 0
+    for centre in CENTRES:
+        answers = clicked_structures(model, volume, label, ids, centre, STRUCTURES, expert=expert)
+        hits += sum(clicked == found for clicked, found in answers.items())
+        total += len(answers)
+    return hits, total

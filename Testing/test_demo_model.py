@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from click_following import clicked_structures
+from click_following import click_following_score
 from conftest import require_fixture
 from SAMMed3DMoELib import bundle, clicks, evaluation, hub
 from SAMMed3DMoELib.catalog import load_catalog
@@ -28,10 +28,10 @@ from SAMMed3DMoELib.session import Session
 from SAMMed3DMoELib.volume_io import load_volume
 
 MAX_BYTES = 25 * 2**20
-SPLEEN_DICE_FLOOR = 0.6
-"""What the shipped model must keep reaching on the spleen after three clicks. It reaches 0.66;
-the issue's target is 0.8, not met yet (Training/README.md, "The demo model"). The untrained
-network reached 0.15."""
+SPLEEN_DICE_FLOOR = 0.65
+"""What the shipped model must keep reaching on the spleen after three clicks. It reaches 0.70
+(0.57, 0.67, 0.70: corrective clicks help since it follows them); the issue's target is 0.8, not
+met yet (Training/README.md, "The demo model"). The untrained network reached 0.15."""
 ORIGINAL = ["spleen", "kidney_left", "stomach", "vertebrae_L3"]
 NEW = ["aorta", "spinal_cord", "inferior_vena_cava"]
 MR = ["liver", "spleen", "kidney_right", "vertebrae"]
@@ -65,9 +65,9 @@ def example_mr(data_dir):
     return _case(data_dir, "example_mr_sm.nii.gz", "example_mr_seg.nii.gz", "example_mr_seg_labels.json")
 
 
-def _dice_after_clicks(model, volume, label, ids, classes, expert, n_clicks=3, modality="CT", tau=None):
+def _dice_after_clicks(model, volume, label, ids, classes, expert, n_clicks=3, modality="CT"):
     """{class: Dice after n_clicks} by the evaluation protocol (seeded uniform clicks)."""
-    variant = evaluation.Variant(expert, model, expert, tau=tau)
+    variant = evaluation.Variant(expert, model, expert)
     records = evaluation.evaluate_case(volume, label, {ids[c]: c for c in classes}, [variant], clicks=(n_clicks,),
                                        box=False, seed=0, modality=modality)
     return {r["class"]: r["dice"] for r in records}
@@ -95,7 +95,8 @@ def test_demo_is_a_packaged_offline_bundle_with_verified_files(demo_folder, demo
     card = (demo_folder / "README.md").read_text()
     assert "not a clinical model" in card and "one patient" in card
     made = {p.stem for p in (demo_folder / "training").glob("*.json")}
-    assert made == {"pretrain", "expert_weak", "expert_mr", "gate"}
+    assert made == {"general", "pretrain", "expert_weak", "expert_mr", "gate"}  # general: before the click marks
+    assert demo.base.prompt_encoder.click_mark_radius == 4.0
 
     # Every file's SHA-256 is checked on load: an edited copy is refused by name.
     copy = tmp_path / "demo"
@@ -118,18 +119,18 @@ def test_three_clicks_segment_the_spleen_of_the_example_ct(demo, example_ct):
     assert scores[-1] >= SPLEEN_DICE_FLOOR, scores
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model segments what lies at the window's centre, not the "
-                   "structure clicked (issue 9; Training/README.md, 'The demo model'); a model that passes turns this "
-                   "into a failure (XPASS): then remove the mark")
-def test_a_click_names_the_structure_in_a_window_centred_elsewhere(demo, example_ct):
-    """One window centred on the spleen (a session's window after a first click there); one
-    click at the centre of each other structure in it: the mask lands on the clicked one."""
+CLICK_FOLLOWING_FLOOR = 0.6
+"""Share of clicks whose mask must land on the clicked structure. The shipped model: 31 of 42
+(0.74); before its click-mark stage it segmented what lay at the window's centre: 5 of 42."""
+
+
+def test_a_click_names_the_structure_it_is_on(demo, example_ct):
+    """Windows centred on five structures (a session's window after a first click there); one
+    click at the centre of each of ten structures in each window, decoded on that window's
+    embedding, through the mixture: most masks land on the structure clicked."""
     volume, label, ids = example_ct
-    classes = ["spleen", "kidney_left", "stomach", "colon", "liver", "vertebrae_L1", "aorta"]
-    answers = clicked_structures(demo, volume, label, ids, "spleen", classes, expert=AUTO)
-    assert len(answers) >= 5, answers  # the structures are in the window
-    hits = sum(clicked == found for clicked, found in answers.items())
-    assert hits >= len(answers) - 1, answers
+    hits, total = click_following_score(demo, volume, label, ids, expert=AUTO)
+    assert total >= 30 and hits >= CLICK_FOLLOWING_FLOOR * total, (hits, total)
 
 
 def _stored(volume: Volume, label: np.ndarray, change: str, folder):
@@ -183,32 +184,33 @@ def test_flipped_or_permuted_storage_gives_the_same_dice(demo, example_ct, chang
 
 
 def test_the_mixture_keeps_the_original_classes_and_the_experts_learn_the_new_ones(demo, example_ct, example_mr):
-    """Table 1 in miniature on a few fixed classes, three clicks: the mixture stays within a few
-    Dice points of the general model on its own classes; each expert alone beats the general
-    model on its new classes (held-out CT classes, the MR), and the mixture does on the MR, and
-    at τ = 0.5 on the held-out CT classes too (the balanced gate routes them on this scan). Not
-    asserted, because not reached yet: that the mixture at the shipped τ (0.9, chosen on the CT
-    slab, where the gate does not recognise those classes) beats the general model on them
-    (Training/README.md)."""
+    """Table 1 in miniature on a few fixed classes, three clicks, the shipped τ (0.5, chosen on
+    the CT slab): the mixture stays within a few Dice points of the general model on its own
+    classes; each expert alone, and the mixture, beat the general model on the new classes (held-
+    out CT classes, the MR). The margins are small because the general model follows clicks and
+    so already reaches 0.20 on CT classes it never saw and 0.33 on the MR (before its click-mark
+    stage: 0.07 and 0.06); measured on this scan: weak 0.26 vs 0.20, mixture 0.23; mr 0.42,
+    mixture 0.44 vs 0.33 (Training/README.md, "The demo model")."""
     ct, ct_label, ct_ids = example_ct
     mr, mr_label, mr_ids = example_mr
 
-    def mean(model_expert, volume, label, ids, classes, modality="CT", tau=None):
-        scores = _dice_after_clicks(demo, volume, label, ids, classes, model_expert, modality=modality, tau=tau)
+    def mean(model_expert, volume, label, ids, classes, modality="CT"):
+        scores = _dice_after_clicks(demo, volume, label, ids, classes, model_expert, modality=modality)
         return float(np.mean(list(scores.values())))
 
+    assert demo.tau == 0.5
     general_original = mean(GENERAL, ct, ct_label, ct_ids, ORIGINAL)
     mixture_original = mean(AUTO, ct, ct_label, ct_ids, ORIGINAL)
     assert mixture_original >= general_original - 0.03, (general_original, mixture_original)
     general_new, weak_new = mean(GENERAL, ct, ct_label, ct_ids, NEW), mean("weak", ct, ct_label, ct_ids, NEW)
-    assert weak_new >= general_new + 0.1, (general_new, weak_new)
-    mixture_new = mean(AUTO, ct, ct_label, ct_ids, NEW, tau=0.5)
-    assert mixture_new >= general_new + 0.1, (general_new, mixture_new)
+    assert weak_new >= general_new + 0.04, (general_new, weak_new)
+    mixture_new = mean(AUTO, ct, ct_label, ct_ids, NEW)
+    assert mixture_new >= general_new + 0.02, (general_new, mixture_new)
     general_mr = mean(GENERAL, mr, mr_label, mr_ids, MR, modality="MR")
     mr_mr = mean("mr", mr, mr_label, mr_ids, MR, modality="MR")
-    assert mr_mr >= general_mr + 0.1, (general_mr, mr_mr)
+    assert mr_mr >= general_mr + 0.05, (general_mr, mr_mr)
     mixture_mr = mean(AUTO, mr, mr_label, mr_ids, MR, modality="MR")  # the gate sends MR prompts to "mr"
-    assert mixture_mr >= general_mr + 0.1, (general_mr, mixture_mr)
+    assert mixture_mr >= general_mr + 0.05, (general_mr, mixture_mr)
 
 
 def test_a_few_steps_of_the_demo_commands_make_a_loadable_bundle(tmp_path):
@@ -226,7 +228,9 @@ def test_a_few_steps_of_the_demo_commands_make_a_loadable_bundle(tmp_path):
     from safetensors.torch import load_file
 
     assert load_file(str(folder / "base.safetensors"))["image_encoder.pos_embed"].dtype == torch.float16
-    assert {p.stem for p in (folder / "training").glob("*.json")} == {"pretrain", "expert_weak", "expert_mr", "gate"}
+    assert {p.stem for p in (folder / "training").glob("*.json")} == {"general", "pretrain", "expert_weak", "expert_mr",
+                                                                      "gate"}
+    assert moe.base.prompt_encoder.click_mark_radius == 4.0  # the click-mark stage's, kept by experts and gate
     for part in ("train_scans", "ct_slab"):
         results = tmp_path / "Training" / "demo_results" / part
         assert (results / "dice_vs_clicks.png").stat().st_size > 1000

@@ -77,6 +77,23 @@ def test_exported_bundle_says_whether_box_prompts_were_trained(tmp_path_factory,
     assert load_bundle(continued / "bundle").box_prompts_trained is True
 
 
+def test_click_marks_are_recorded_and_kept(tmp_path_factory, data_dir, tmp_path):
+    """--click-mark-radius: the exported bundle records it (so the session marks clicks the same
+    way), a run started from that bundle keeps it, and a negative radius is refused by name."""
+    from SAMMed3DMoELib.bundle import load_bundle
+    from SAMMed3DMoELib.errors import SAMMed3DError
+
+    common = ["--classes", "spleen,liver", "--steps", "2", "--batch-size", "1", "--iterations", "2"]
+    marked, continued = tmp_path / "marked", tmp_path / "continued"
+    assert pretrain.main(_args(tmp_path_factory, data_dir, marked, *common, "--click-mark-radius", "4",
+                               "--other-target-prob", "0.5")) == 0
+    assert load_bundle(marked / "bundle").base.prompt_encoder.click_mark_radius == 4.0
+    assert pretrain.main(_args(tmp_path_factory, data_dir, continued, *common, "--init", str(marked / "bundle"))) == 0
+    assert load_bundle(continued / "bundle").base.config["click_mark_radius"] == 4.0
+    with pytest.raises(SAMMed3DError, match="--click-mark-radius must be >= 0"):
+        pretrain.main(_args(tmp_path_factory, data_dir, tmp_path / "bad", *common, "--click-mark-radius", "-1"))
+
+
 def test_two_gloo_processes_match_one_process(tmp_path_factory, data_dir, tmp_path):
     """Real torch.distributed: torchrun starts 2 CPU processes (gloo); each takes half of every
     global batch. DDP must average the gradients, so rank 0's weights equal one process's."""

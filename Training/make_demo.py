@@ -7,7 +7,8 @@ project's own scripts, stage by stage, seeded, and time each stage.
 
 Each stage is one of the commands in Training/README.md ("The demo model") with its config file
 ``Training/configs/demo_*.json``: the sample scans as nnU-Net datasets; a general model on the
-CT's "original" classes; an expert for held-out CT classes and one for the MR scan; the gate and
+CT's "original" classes; the same model fine-tuned with its clicks marked in the mask prompt
+and targets drawn among the classes a window shows (so that it follows the click); an expert for held-out CT classes and one for the MR scan; the gate and
 τ (chosen on the CT slab); the bundle written in float16 into the package; the forgetting
 baseline (the general model fine-tuned on the new classes); the evaluation (Table 1 of the
 paper in miniature, τ and selector ablations, Dice-vs-clicks plots) of the packaged bundle.
@@ -37,12 +38,15 @@ from .config import parse_args, run_script
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PACKAGE = Path("SAMMed3DMoELib") / "models" / "demo"
 BUNDLE = Path("bundles") / "demo"
-STAGES = ("convert", "general", "expert_weak", "expert_mr", "gate", "package", "finetuned", "evaluate")
+GENERAL = Path("bundles") / "demo-general"
+STAGES = ("convert", "general", "general_clicks", "expert_weak", "expert_mr", "gate", "package", "finetuned",
+          "evaluate")
 
 QUICK = {
     # A few steps of the same commands with the 32³ test model: proves the chain, not the model.
     "general": ["--steps", "2", "--model-size", "tiny", "--batch-size", "2", "--iterations", "2", "--val-every", "0",
                 "--num-workers", "0"],
+    "general_clicks": ["--steps", "2", "--batch-size", "2", "--iterations", "2", "--val-every", "0", "--num-workers", "0"],
     "expert_weak": ["--steps", "2", "--crops-per-item", "1", "--iterations", "2", "--num-workers", "0"],
     "expert_mr": ["--steps", "2", "--crops-per-item", "1", "--iterations", "2", "--num-workers", "0"],
     "gate": ["--steps", "2", "--crops-per-item", "1", "--iterations", "2", "--taus", "0.5,0.7", "--tau-clicks", "1",
@@ -51,7 +55,7 @@ QUICK = {
     "evaluate": ["--classes", "spleen,aorta,liver", "--clicks", "1", "--max-windows", "1"],
 }
 
-TRAINING_STAGES = ("general", "expert_weak", "expert_mr", "gate", "finetuned")
+TRAINING_STAGES = ("general", "general_clicks", "expert_weak", "expert_mr", "gate", "finetuned")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +88,8 @@ def stage_commands(stage: str) -> List[Tuple[Callable[[Optional[Sequence[str]]],
         return [(convert_samples.main, ["--out", "data"])]
     if stage == "general":
         return [(pretrain.main, ["--config", _config("demo_general.json")])]
+    if stage == "general_clicks":
+        return [(pretrain.main, ["--config", _config("demo_general_clicks.json")])]
     if stage in ("expert_weak", "expert_mr"):
         name = stage.split("_")[1]
         return [(finetune_expert.main, ["--config", _config(f"demo_expert_{name}.json"),
@@ -110,8 +116,11 @@ def package(source: Path = BUNDLE, target: Path = PACKAGE) -> Path:
         shutil.rmtree(target)
     bundle.save_bundle(moe, target, preprocessing=moe.preprocessing, dtype="float16")
     (target / "training").mkdir()
-    for made in sorted((source / "training").glob("*.json")):
-        (target / "training" / made.name).write_text(_portable(made.read_text(encoding="utf-8")), encoding="utf-8")
+    made = {path.name: path for path in sorted((source / "training").glob("*.json"))}
+    if (GENERAL / "training" / "pretrain.json").exists():  # the general model before the click-mark stage
+        made["general.json"] = GENERAL / "training" / "pretrain.json"
+    for name, path in made.items():
+        (target / "training" / name).write_text(_portable(path.read_text(encoding="utf-8")), encoding="utf-8")
     card = (CONFIGS / "demo_model_card.md").read_text(encoding="utf-8")
     (target / "README.md").write_text(card, encoding="utf-8")
     return target
@@ -119,16 +128,20 @@ def package(source: Path = BUNDLE, target: Path = PACKAGE) -> Path:
 
 def _portable(provenance: str) -> str:
     """A provenance record without this machine's paths (it is committed): paths under the
-    working folder become relative, the preprocessing cache (a local detail) is dropped."""
+    working folder or the repository (the config files) become relative, the preprocessing
+    cache (a local detail) is dropped."""
     record = json.loads(provenance)
     record.pop("cache_dir", None)
     text = json.dumps(record, indent=1) + "\n"
-    return text.replace(json.dumps(str(Path.cwd()) + os.sep)[1:-1], "")
+    for folder in (Path.cwd(), CONFIGS.parents[1]):
+        text = text.replace(json.dumps(str(folder) + os.sep)[1:-1], "")
+    return text
 
 
 def _clean(stage: str) -> None:
     """Remove what a stage writes, so it starts over (no resume from an older run)."""
-    folders = {"general": ["runs/demo-general", str(BUNDLE)], "expert_weak": ["runs/demo-weak"],
+    folders = {"general": ["runs/demo-general", str(GENERAL)],
+               "general_clicks": ["runs/demo-general-clicks", str(BUNDLE)], "expert_weak": ["runs/demo-weak"],
                "expert_mr": ["runs/demo-mr"], "gate": ["runs/demo-gate"],
                "finetuned": ["runs/demo-finetuned", "bundles/demo-finetuned"]}
     for folder in folders.get(stage, []):

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a bundle folder, an official checkpoint or a pretrain checkpoint (default: random)")
     m.add_argument("--model-size", default="base",
                    help="for random starts: tiny, small, base (ViT-B, official) or a JSON object of size keywords")
+    m.add_argument("--click-mark-radius", type=float, default=None,
+                   help="also mark each click in the mask prompt, a ball of this radius in window voxels (0: off, as "
+                        "the official networks; default: the --init model's, else 0); the bundle records it")
     m.add_argument("--no-box-prompts", dest="box_prompts", action="store_false",
                    help="build the model without box prompt embeddings (random starts)")
     m.add_argument("--spacing", type=float, default=None,
@@ -126,6 +129,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings = RunSettings.from_args(args)
         size = model_size(args.model_size)
         model, start_pre, origin, start_box_trained = load_start(args.init, size, args.box_prompts, args.seed)
+        if args.click_mark_radius is not None:
+            if args.click_mark_radius < 0:
+                raise SAMMed3DError(f"--click-mark-radius must be >= 0 (0: off), not {args.click_mark_radius}")
+            model.prompt_encoder.click_mark_radius = model.config["click_mark_radius"] = float(args.click_mark_radius)
         pre = resolve_preprocessing(args, start_pre, model.img_size)
         classes = as_list(args.classes)
         cases, items = load_split(args.data, pre, args.cache_dir, ctx, classes=classes,
