@@ -13,10 +13,10 @@ from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy.ndimage import distance_transform_edt
 
-from SAMMed3DMoELib import geometry, windows
+from SAMMed3DMoELib import clicks, geometry, windows
 from SAMMed3DMoELib.moe import GENERAL
+from Training.data import crop_label
 
 
 CENTRES = ("spleen", "liver", "kidney_left", "vertebrae_L3", "stomach")
@@ -27,8 +27,7 @@ STRUCTURES = ("spleen", "kidney_left", "stomach", "colon", "liver", "vertebrae_L
 
 
 def _most_interior(mask: np.ndarray) -> np.ndarray:
-    distance = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
-    return np.asarray(np.unravel_index(int(np.argmax(distance)), mask.shape))
+    return np.asarray(clicks.first_click(mask, mode="center").index)
 
 
 def clicked_structures(model, volume: geometry.Volume, label: np.ndarray, ids: Dict[str, int], centre: str,
@@ -43,11 +42,7 @@ def clicked_structures(model, volume: geometry.Volume, label: np.ndarray, ids: D
     on_grid = geometry.resample_label(label, volume, prepared)
     size = int(pre["window"])
     window = windows.Window(tuple(int(i) - size // 2 for i in _most_interior(on_grid == ids[centre])), size)
-    crop = np.zeros((size,) * 3, on_grid.dtype)
-    lo = [max(0, s) for s in window.start]
-    hi = [min(n, s + size) for s, n in zip(window.start, on_grid.shape)]
-    crop[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, window.start))] = \
-        on_grid[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    crop = crop_label(on_grid, window)
     image = windows.extract_window_tensor(prepared, window, "cpu")[None, None]
     lowres = model.base.prompt_encoder.mask_input_size
     answers = {}

@@ -231,7 +231,7 @@ def sample_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _crop_label(label: np.ndarray, window: windows.Window) -> np.ndarray:
+def crop_label(label: np.ndarray, window: windows.Window) -> np.ndarray:
     """The window's part of a prepared-grid label, zero where it hangs over the volume."""
     s = window.size
     out = np.zeros((s, s, s), dtype=label.dtype)
@@ -314,7 +314,7 @@ class CropDataset(Dataset):
         if j > 0:
             window = windows.Window(tuple(np.asarray(window.start) + crop_rng.integers(-j, j + 1, size=3)), window.size)
         image = windows.extract_window(prepared, window)
-        crop = _crop_label(label, window)
+        crop = crop_label(label, window)
         target_item = self._target_in_window(item, crop, sample_seed(self.seed, self.stream, index, int(epoch), 3))
         target = (crop == target_item.label_id).astype(np.float32)
         self._transform.set_random_state(seed=int(crop_rng.integers(2 ** 31)))

@@ -157,8 +157,7 @@ class PromptEncoder3D(nn.Module):
         if boxes is not None:
             sparse = torch.cat([sparse, self._embed_boxes(boxes.to(weight.dtype))], dim=1)
         if points is not None and self.click_mark_radius > 0:
-            masks = self.mark_clicks(None if masks is None else masks.to(weight.dtype), points[0].to(weight.dtype),
-                                     points[1])
+            masks = self.mark_clicks(masks, points[0].to(weight.dtype), points[1])
         if masks is not None:
             dense = self.mask_downscaling(masks.to(weight.dtype))
         else:

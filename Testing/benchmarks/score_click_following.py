@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[i]) for i in (1, 2)]  # Testing/ and the repository root
 
 from click_following import click_following_score  # noqa: E402
 from SAMMed3DMoELib import bundle, clicks, evaluation  # noqa: E402
