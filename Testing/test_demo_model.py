@@ -228,8 +228,8 @@ def test_a_few_steps_of_the_demo_commands_make_a_loadable_bundle(tmp_path):
     from safetensors.torch import load_file
 
     assert load_file(str(folder / "base.safetensors"))["image_encoder.pos_embed"].dtype == torch.float16
-    assert {p.stem for p in (folder / "training").glob("*.json")} == {"general", "pretrain", "expert_weak", "expert_mr",
-                                                                      "gate"}
+    assert {p.stem for p in (folder / "training").glob("*.json")} == {
+        "general", "general_clicks", "general_long", "pretrain", "expert_weak", "expert_mr", "gate"}
     assert moe.base.prompt_encoder.click_mark_radius == 4.0  # the click-mark stage's, kept by experts and gate
     for part in ("train_scans", "ct_slab"):
         results = tmp_path / "Training" / "demo_results" / part

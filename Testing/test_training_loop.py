@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO_DIR
+from SAMMed3DMoELib.errors import SAMMed3DError
 from Training import pretrain
 from Training.checkpoints import load_checkpoint
 from training_helpers import TINY_RUN, checkpoint_model, converted_datasets, train_losses
@@ -50,6 +51,15 @@ def test_resume_continues_exactly(tmp_path_factory, data_dir, tmp_path):
     assert pretrain.main(_args(tmp_path_factory, data_dir, split, *common, "--stop-at-step", "3")) == 0
     assert load_checkpoint(split / "latest.pt")["loop"]["step"] == 3
     assert not (split / "bundle").exists()  # stopped early: nothing exported yet
+    # 3 steps of a 6-step schedule: the same weights as the 6-step run at step 3, and a bundle.
+    # ("--steps 3" after common's "--steps 6": argparse keeps the last.)
+    truncated = tmp_path / "truncated"
+    assert pretrain.main(_args(tmp_path_factory, data_dir, truncated, *common, "--steps", "3", "--schedule-steps", "6")) == 0
+    a, b = checkpoint_model(split), checkpoint_model(truncated)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (truncated / "bundle" / "config.json").exists()
+    with pytest.raises(SAMMed3DError, match="--schedule-steps"):
+        pretrain.main(_args(tmp_path_factory, data_dir, tmp_path / "bad", *common, "--schedule-steps", "5"))
     # Resumed with a DataLoader worker this time: the samples must not depend on it.
     resumed = _args(tmp_path_factory, data_dir, split, *common)
     resumed[resumed.index("--num-workers") + 1] = "1"

@@ -36,6 +36,9 @@ SCHEDULES = ("multistep", "cosine", "constant")
 def add_loop_arguments(parser: argparse.ArgumentParser, *, steps: int, lr: float, batch_size: int = 2) -> None:
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps in total (default {steps})")
+    g.add_argument("--schedule-steps", type=int, default=None,
+                   help="steps the learning-rate schedule spans (default: --steps); more than --steps ends the run "
+                        "part-way down the schedule, exactly where a longer run would be at that step")
     g.add_argument("--batch-size", type=int, default=batch_size,
                    help="samples per process and micro-step; the global batch is batch-size x processes x accumulate")
     g.add_argument("--accumulate", type=int, default=1, help="micro-steps per optimizer step (gradient accumulation)")
@@ -45,7 +48,7 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, steps: int, lr: float
     g.add_argument("--schedule", choices=SCHEDULES, default="multistep",
                    help="after warm-up: multistep (x gamma at each milestone, official), cosine, constant")
     g.add_argument("--milestones", default="0.6,0.9",
-                   help="multistep milestones as fractions of --steps (official 120 and 180 of 200 epochs)")
+                   help="multistep milestones as fractions of the schedule's steps (official 120 and 180 of 200 epochs)")
     g.add_argument("--gamma", type=float, default=0.1, help="multistep factor")
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine: final lr as a fraction of the lr")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
@@ -70,6 +73,7 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, steps: int, lr: float
 class RunSettings:
     out: Path
     steps: int
+    schedule_steps: int
     batch_size: int
     accumulate: int
     weight_decay: float
@@ -90,7 +94,9 @@ class RunSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunSettings":
-        s = cls(out=Path(args.out).expanduser(), steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate,
+        s = cls(out=Path(args.out).expanduser(), steps=args.steps,
+                schedule_steps=args.steps if args.schedule_steps is None else args.schedule_steps,
+                batch_size=args.batch_size, accumulate=args.accumulate,
                 weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, schedule=args.schedule,
                 milestones=as_list(args.milestones, float), gamma=args.gamma, min_lr_ratio=args.min_lr_ratio,
                 grad_clip=args.grad_clip, amp=args.amp, seed=args.seed, num_workers=args.num_workers,
@@ -99,6 +105,9 @@ class RunSettings:
         for name in ("steps", "batch_size", "accumulate"):
             if getattr(s, name) < 1:
                 raise SAMMed3DError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+        if s.schedule_steps < s.steps:
+            raise SAMMed3DError(f"--schedule-steps ({s.schedule_steps}) must be at least --steps ({s.steps}): the "
+                                "schedule cannot end before the run")
         if s.schedule not in SCHEDULES:
             raise SAMMed3DError(f"--schedule must be one of {', '.join(SCHEDULES)}")
         return s
@@ -135,9 +144,9 @@ def lr_factor(step: int, s: RunSettings) -> float:
     if s.warmup_steps and step < s.warmup_steps:
         return (step + 1) / s.warmup_steps
     if s.schedule == "multistep":
-        return s.gamma ** sum(step >= m * s.steps for m in s.milestones)
+        return s.gamma ** sum(step >= m * s.schedule_steps for m in s.milestones)
     if s.schedule == "cosine":
-        span = max(1, s.steps - s.warmup_steps)
+        span = max(1, s.schedule_steps - s.warmup_steps)
         progress = min(1.0, (step - s.warmup_steps) / span)
         return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0
