@@ -28,10 +28,11 @@ from SAMMed3DMoELib.session import Session
 from SAMMed3DMoELib.volume_io import load_volume
 
 MAX_BYTES = 25 * 2**20
-SPLEEN_DICE_FLOOR = 0.65
-"""What the shipped model must keep reaching on the spleen after three clicks. It reaches 0.70
-(0.57, 0.67, 0.70: corrective clicks help since it follows them); the issue's target is 0.8, not
-met yet (Training/README.md, "The demo model"). The untrained network reached 0.15."""
+SPLEEN_DICE_FLOOR = 0.8
+"""The issue's target for the spleen after three clicks, each at the most interior voxel of the
+largest error (as a user clicks). The shipped model reaches 0.84, 0.85, 0.86; the untrained
+network reached 0.15, the first CPU-trained demo model 0.70 (Training/README.md, "The demo
+model"). With the paper's uniform clicks the spleen varies more (README)."""
 ORIGINAL = ["spleen", "kidney_left", "stomach", "vertebrae_L3"]
 NEW = ["aorta", "spinal_cord", "inferior_vena_cava"]
 MR = ["liver", "spleen", "kidney_right", "vertebrae"]
@@ -95,7 +96,8 @@ def test_demo_is_a_packaged_offline_bundle_with_verified_files(demo_folder, demo
     card = (demo_folder / "README.md").read_text()
     assert "not a clinical model" in card and "one patient" in card
     made = {p.stem for p in (demo_folder / "training").glob("*.json")}
-    assert made == {"general", "pretrain", "expert_weak", "expert_mr", "gate"}  # general: before the click marks
+    # the general model's stages in order: general, general_clicks, general_long, pretrain (general_polish)
+    assert made == {"general", "general_clicks", "general_long", "pretrain", "expert_weak", "expert_mr", "gate"}
     assert demo.base.prompt_encoder.click_mark_radius == 4.0
 
     # Every file's SHA-256 is checked on load: an edited copy is refused by name.
@@ -119,9 +121,9 @@ def test_three_clicks_segment_the_spleen_of_the_example_ct(demo, example_ct):
     assert scores[-1] >= SPLEEN_DICE_FLOOR, scores
 
 
-CLICK_FOLLOWING_FLOOR = 0.6
-"""Share of clicks whose mask must land on the clicked structure. The shipped model: 31 of 42
-(0.74); before its click-mark stage it segmented what lay at the window's centre: 5 of 42."""
+CLICK_FOLLOWING_FLOOR = 0.85
+"""Share of clicks whose mask must land on the clicked structure. The shipped model: 42 of 42;
+before its click-mark stage it segmented what lay at the window's centre: 5 of 42."""
 
 
 def test_a_click_names_the_structure_it_is_on(demo, example_ct):
@@ -187,10 +189,9 @@ def test_the_mixture_keeps_the_original_classes_and_the_experts_learn_the_new_on
     """Table 1 in miniature on a few fixed classes, three clicks, the shipped τ (0.5, chosen on
     the CT slab): the mixture stays within a few Dice points of the general model on its own
     classes; each expert alone, and the mixture, beat the general model on the new classes (held-
-    out CT classes, the MR). The margins are small because the general model follows clicks and
-    so already reaches 0.20 on CT classes it never saw and 0.33 on the MR (before its click-mark
-    stage: 0.07 and 0.06); measured on this scan: weak 0.26 vs 0.20, mixture 0.23; mr 0.42,
-    mixture 0.44 vs 0.33 (Training/README.md, "The demo model")."""
+    out CT classes, the MR). Measured on these scans: original classes general 0.576, mixture
+    0.579; held-out CT classes general 0.087, weak 0.539, mixture 0.333; MR general 0.190, mr
+    0.529, mixture 0.534 (README, "The demo model", has the full tables)."""
     ct, ct_label, ct_ids = example_ct
     mr, mr_label, mr_ids = example_mr
 
@@ -203,14 +204,14 @@ def test_the_mixture_keeps_the_original_classes_and_the_experts_learn_the_new_on
     mixture_original = mean(AUTO, ct, ct_label, ct_ids, ORIGINAL)
     assert mixture_original >= general_original - 0.03, (general_original, mixture_original)
     general_new, weak_new = mean(GENERAL, ct, ct_label, ct_ids, NEW), mean("weak", ct, ct_label, ct_ids, NEW)
-    assert weak_new >= general_new + 0.04, (general_new, weak_new)
+    assert weak_new >= general_new + 0.3, (general_new, weak_new)
     mixture_new = mean(AUTO, ct, ct_label, ct_ids, NEW)
-    assert mixture_new >= general_new + 0.02, (general_new, mixture_new)
+    assert mixture_new >= general_new + 0.15, (general_new, mixture_new)
     general_mr = mean(GENERAL, mr, mr_label, mr_ids, MR, modality="MR")
     mr_mr = mean("mr", mr, mr_label, mr_ids, MR, modality="MR")
-    assert mr_mr >= general_mr + 0.05, (general_mr, mr_mr)
+    assert mr_mr >= general_mr + 0.25, (general_mr, mr_mr)
     mixture_mr = mean(AUTO, mr, mr_label, mr_ids, MR, modality="MR")  # the gate sends MR prompts to "mr"
-    assert mixture_mr >= general_mr + 0.05, (general_mr, mixture_mr)
+    assert mixture_mr >= general_mr + 0.25, (general_mr, mixture_mr)
 
 
 def test_a_few_steps_of_the_demo_commands_make_a_loadable_bundle(tmp_path):
