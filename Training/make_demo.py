@@ -9,7 +9,7 @@ Each stage is one of the commands in Training/README.md ("The demo model") with 
 ``Training/configs/demo_*.json``: the sample scans as nnU-Net datasets; a general model on the
 CT's "original" classes; the same model fine-tuned with its clicks marked in the mask prompt
 and targets drawn among the classes a window shows (so that it follows the click); the same
-recipe trained longer in batches of 18 (``general_long``, then ``general_polish``: 9 minutes on
+recipe trained longer in batches of 18 (``general_long``, then ``general_polish``: 8 minutes on
 one GPU, hours on a CPU); an expert for held-out CT classes and one for the MR scan; the gate and
 τ (chosen on the CT slab); the bundle written in float16 into the package; the forgetting
 baseline (the general model fine-tuned on the new classes); the evaluation (Table 1 of the
