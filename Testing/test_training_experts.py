@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from SAMMed3DMoELib.bundle import load_bundle
-from SAMMed3DMoELib.clicks import sample_clicks
+from SAMMed3DMoELib.clicks import bounding_boxes, sample_clicks
 from SAMMed3DMoELib.evaluation import read_dataset
 from SAMMed3DMoELib.moe import SamMed3DMoE
 from Training import finetune_expert, train_gate
@@ -74,38 +74,62 @@ def _gate_argv(bundle, classes, setup, out, *, steps: int, crops: int):
             "--dice-weight", "0", "--crops-per-item", str(crops), "--seed", "1", *TINY_RUN]
 
 
+SPLIT = {"lungs": (["lung_lower_lobe_left", "lung_lower_lobe_right"], "CT"), "bones": (["hip_left", "hip_right"], "CT")}
+SPLIT_CLASSES = ["liver", "spleen", "lung_lower_lobe_left", "lung_lower_lobe_right", "hip_left", "hip_right"]
+
+
+def _routed_right(moe, setup, prompt: str) -> float:
+    """Share of fresh prompts (``"click"``: a first click; ``"box"``: a box alone) on the four
+    training crops of each item of SPLIT_CLASSES that the gate sends to the item's decoder."""
+    data, cache = setup
+    pre = Preprocessing(3.0, 32)
+    cases = PreparedCases([read_dataset(data)], pre, cache)
+    items = train_gate.label_items(moe, build_items(cases, SPLIT_CLASSES))
+    crops = CropDataset(cases, items, pre, seed=1, fixed_crops=4, iterations=1, augment=Augmentation(flip_prob=0.0))
+    right = total = 0
+    with torch.no_grad():
+        for index in range(len(items)):
+            for epoch in range(4, 8):  # the four training crops, with clicks and box jitter never used in training
+                sample = crops[(index, epoch)]
+                emb = moe.encode(sample["image"][None])
+                target = sample["target"][None]
+                points = boxes = None
+                if prompt == "box":
+                    boxes = bounding_boxes(target > 0, sample["box_jitter"][None])
+                else:
+                    points = sample_clicks(torch.zeros_like(target) > 0, target > 0, sample["click_u"][:1])
+                sparse, _ = moe.base.prompt_encoder(points=points, boxes=boxes)
+                scores = moe.gate_scores(emb, sparse, SamMed3DMoE.prompt_mask(points, boxes, sparse))
+                right += int(scores[0].argmax()) == items[index].expert
+                total += 1
+    return right / total
+
+
 def test_gate_routes_prompts_to_the_right_expert(setup, tmp_path):
     """A small split of the example CT: lungs -> expert 'lungs', hips -> 'bones', liver and
     spleen -> general. After training, fresh clicks on the training crops go to the right
     decoder. (With the random tiny encoder the gate learns these crops; routing on unseen
     crops needs a trained encoder, as in the demo model.)"""
-    data, cache = setup
-    bundle = tiny_bundle(tmp_path / "bundle", {"lungs": (["lung_lower_lobe_left", "lung_lower_lobe_right"], "CT"),
-                                               "bones": (["hip_left", "hip_right"], "CT")})
-    classes = ["liver", "spleen", "lung_lower_lobe_left", "lung_lower_lobe_right", "hip_left", "hip_right"]
-    assert train_gate.main(_gate_argv(bundle, classes, setup, tmp_path / "run", steps=50, crops=4)) == 0
+    bundle = tiny_bundle(tmp_path / "bundle", SPLIT)
+    assert train_gate.main(_gate_argv(bundle, SPLIT_CLASSES, setup, tmp_path / "run", steps=50, crops=4)) == 0
     moe = load_bundle(bundle)
     assert moe.gate is not None and moe.gate.num_experts == 2
     info = json.loads((bundle / "training" / "gate.json").read_text())
     assert info["items_per_decoder"] == {"general": 2, "lungs": 2, "bones": 2}
+    assert _routed_right(moe, setup, "click") >= 0.8
 
-    pre = Preprocessing(3.0, 32)
-    cases = PreparedCases([read_dataset(data)], pre, cache)
-    items = train_gate.label_items(moe, build_items(cases, classes))
-    crops = CropDataset(cases, items, pre, seed=1, fixed_crops=4, iterations=1, augment=Augmentation(flip_prob=0.0))
-    right = total = 0
-    with torch.no_grad():
-        for index in range(len(items)):
-            for epoch in range(4, 8):  # the four training crops, with clicks never used in training
-                sample = crops[(index, epoch)]
-                emb = moe.encode(sample["image"][None])
-                target = sample["target"][None]
-                points = sample_clicks(torch.zeros_like(target) > 0, target > 0, sample["click_u"][:1])
-                sparse, _ = moe.base.prompt_encoder(points=points)
-                scores = moe.gate_scores(emb, sparse, SamMed3DMoE.prompt_mask(points, None, sparse))
-                right += int(scores[0].argmax()) == items[index].expert
-                total += 1
-    assert right / total >= 0.8, f"{right}/{total} prompts routed to their expert"
+
+def test_gate_trained_with_boxes_routes_a_box(setup, tmp_path):
+    """--box-prob: half of the steps prompt with a box (alone, then with the clicks); the gate
+    then sends a box alone to the right decoder as well as a click. (This tiny gate routes boxes
+    without box steps too; the demo model's tables show what box steps change for a real one.)"""
+    bundle = tiny_bundle(tmp_path / "bundle", SPLIT)
+    argv = _gate_argv(bundle, SPLIT_CLASSES, setup, tmp_path / "run", steps=80, crops=4) + ["--box-prob", "0.5"]
+    assert train_gate.main(argv) == 0
+    moe = load_bundle(bundle)
+    assert json.loads((bundle / "training" / "gate.json").read_text())["box_prob"] == 0.5
+    assert _routed_right(moe, setup, "box") >= 0.8
+    assert _routed_right(moe, setup, "click") >= 0.8
 
 
 def test_balanced_gate_weights_give_every_decoder_the_same_total():

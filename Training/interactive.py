@@ -13,7 +13,8 @@ The official recipe (``train.py`` of SAM-Med3D), kept here:
 
 With a box (``PromptPlan.box``) the box is part of every iteration (as in a session) and the
 first iteration has the box alone. For the gate (:class:`GateTraining`) every iteration has a
-click: the gate scores a prompt, and a mask-only step has none.
+prompt (the gate scores prompts, and a mask-only step has none): a click, or with a box the box
+alone first and then the box with each click.
 """
 
 from __future__ import annotations
@@ -133,7 +134,9 @@ class GateTraining(nn.Module):
         self.register_buffer("decoder_weights", decoder_weights, persistent=False)
 
     def forward(self, image: Tensor, target: Tensor, expert: Tensor, click_u: Tensor, iterations: int,
-                embeddings: Optional[Tensor] = None) -> Dict[str, Tensor]:
+                embeddings: Optional[Tensor] = None, box_jitter: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """``box_jitter`` (B, 2, 3), or None: with it, a box around the target (corners moved by
+        the jitter) is part of every iteration, alone in the first."""
         moe, base = self.moe, self.moe.base
         if embeddings is None:
             with torch.no_grad():
@@ -144,13 +147,16 @@ class GateTraining(nn.Module):
         full = torch.zeros_like(target)
         pe = base.prompt_encoder.get_dense_pe()
         experts = [moe.experts[name] for name in moe.expert_names]
+        boxes = None if box_jitter is None else clicks.bounding_boxes(truth, box_jitter)
         total, correct = 0.0, 0.0
         for it in range(iterations):
             with torch.no_grad():
-                points = clicks.sample_clicks(full.detach() > 0, truth, click_u[:, it])
-                sparse, dense = base.prompt_encoder(points=points, masks=lowres)
+                points = None
+                if boxes is None or it > 0:
+                    points = clicks.sample_clicks(full.detach() > 0, truth, click_u[:, it])
+                sparse, dense = base.prompt_encoder(points=points, boxes=boxes, masks=lowres)
                 general = base.mask_decoder(embeddings, pe, sparse, dense)[0]
-            logits = moe.gate(embeddings, pe, sparse, SamMed3DMoE.prompt_mask(points, None, sparse))
+            logits = moe.gate(embeddings, pe, sparse, SamMed3DMoE.prompt_mask(points, boxes, sparse))
             scores = logits.softmax(-1)
             top = scores[:, 1:].argmax(-1) + 1
             s_top = scores.gather(1, top[:, None]).view(-1, 1, 1, 1, 1)

@@ -32,7 +32,7 @@ from .data import (Augmentation, CropDataset, Item, Preprocessing, add_data_argu
 from .distributed import DistContext
 from .embedding_cache import EmbeddingCache
 from .finetune_expert import freeze_unreached
-from .interactive import GateTraining, balanced_decoder_weights, click_dice
+from .interactive import GateTraining, balanced_decoder_weights, click_dice, plan_for_step
 from .loop import RunSettings, Task, add_loop_arguments, run, training_run
 from .models import write_provenance
 from .validation import add_prompt_arguments, validation_score
@@ -106,8 +106,9 @@ class GateTask(Task):
 
     def train_step(self, module, batch, step):
         embeddings = self.cache(batch["image"], batch["item"], batch["variant"])
+        box = plan_for_step(self.args.seed, step, self.args.iterations, 0, self.args.box_prob).box
         return module(batch["image"], batch["target"], batch["expert"], batch["click_u"], self.args.iterations,
-                      embeddings)
+                      embeddings, batch["box_jitter"] if box else None)
 
     def _keys(self, key: str) -> bool:
         return key.startswith("gate.") or (self.top1 and key.startswith("experts."))
@@ -180,6 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         moe = bundle.load_bundle(args.bundle, device="cpu")
         if not moe.expert_names:
             raise SAMMed3DError(f"{args.bundle} has no experts: fine-tune one (Training.finetune_expert) before the gate")
+        if args.box_prob > 0 and not moe.base.box_prompts:
+            raise SAMMed3DError("--box-prob needs a base model with box prompts; this bundle's has none")
         if moe.gate is None or args.new_gate:
             moe.gate = GatingNetwork(moe.base.config["prompt_embed_dim"], len(moe.expert_names), args.gate_heads,
                                      args.gate_mlp_dim, args.gate_hidden_dim)

@@ -12,15 +12,16 @@ from .distributed import DistContext, all_reduce_sum
 
 
 def add_prompt_arguments(parser, *, iterations: int = 11, gate: bool = False) -> None:
-    """``--iterations`` and ``--val-clicks``; for the decoders also ``--mask-only-iterations``
-    and ``--box-prob`` (the gate scores clicks: each of its iterations has one)."""
+    """``--iterations``, ``--box-prob`` and ``--val-clicks``; for the decoders also
+    ``--mask-only-iterations`` (the gate scores prompts: each of its iterations has one)."""
     g = parser.add_argument_group("prompting (official recipe: 11 iterations, 2 of them mask-only)")
     g.add_argument("--iterations", type=int, default=iterations, help="prompt iterations per sample")
     if not gate:
         g.add_argument("--mask-only-iterations", type=int, default=2,
                        help="iterations without a click (the last, then random ones from 2..n-2)")
-        g.add_argument("--box-prob", type=float, default=0.0,
-                       help="probability that a step prompts with a box around the target (needs box prompts)")
+    g.add_argument("--box-prob", type=float, default=0.0,
+                   help="probability that a step prompts with a box around the target (needs box prompts): the "
+                        "box alone first, then the box with each click")
     g.add_argument("--val-clicks", type=int, default=3 if gate else 5,
                    help="validation score: mean Dice over clicks 1..N")
 
