@@ -18,10 +18,12 @@ k-th prompt and the low-res logits of step k-1 (``protocol="newest"``); ``"accum
 all prompts so far. Step results are memoised, so adding a click runs one step, and undoing or
 removing a prompt replays only from the first changed step.
 
-Objects larger than one window: when the mask touches a window face that is not the volume's
+Objects larger than one window: when the object touches a window face that is not the volume's
 edge, the session continues in the neighbouring window (50 % overlap, as the SAM-Med3D paper
 does), seeded with the mask found so far and a positive point inside it, until the object closes
-or ``max_windows`` windows are computed. Every window computed is in the mask and listed in
+or ``max_windows`` windows are computed. The object is the mask's connected part that holds the
+window's positive clicks (in a continued window, the object carried over; with a box alone, the
+whole mask): a separate blob is kept in the mask but not followed. Every window computed is in the mask and listed in
 ``result.windows``; the limit only stops new windows.
 
 Threads and sharing: prompt edits and the settings ``expert``, ``tau``, ``selector`` take a lock
@@ -486,9 +488,11 @@ class Session:
 
         regions = []
         visited = [first]
-        queue = deque([(first, prediction.logits)])
+        # each queued window with the voxels where the object is known to be (the positive clicks;
+        # in a seeded window, the object carried over): only mask parts holding them extend
+        queue = deque([(first, prediction.logits, self._click_voxels(first, points))])
         while queue:  # every window queued is mapped back: the limit stops new windows only
-            window, logits = queue.popleft()
+            window, logits, anchors = queue.popleft()
             self._device_step("map_back")
             start = time.perf_counter()
             # window-sized logits, used both to map back and to find the faces the mask touches
@@ -498,7 +502,7 @@ class Session:
                 region = self._clip_to_box(region, offset, box)
             regions.append((region, offset))
             timings["map_back"] += (time.perf_counter() - start) * 1e3
-            for neighbour, seed in self._neighbours(window, full, visited):
+            for neighbour, seed in self._neighbours(window, full, visited, anchors):
                 if len(visited) >= snapshot.max_windows:
                     notes.append(
                         f"the object reaches past the window limit (max_windows={snapshot.max_windows}); the mask "
@@ -507,8 +511,10 @@ class Session:
                     break
                 self._check_cancel(cancel)
                 visited.append(neighbour)
-                seeded = self._seed_prediction(neighbour, seed, points, snapshot, timings, cancel)
-                queue.append((neighbour, seeded.logits))
+                previous, previous_logits, previous_object = seed
+                moved = self._moved(neighbour, previous, previous_logits, -20.0)
+                seeded = self._seed_prediction(neighbour, moved, points, snapshot, timings, cancel)
+                queue.append((neighbour, seeded.logits, self._moved(neighbour, previous, previous_object, False)))
         for p in points:
             if all(self._in_window(w, p) is None for w in visited):
                 notes.append(
@@ -629,40 +635,63 @@ class Session:
         return self._cache.budget_bytes
 
     # ------------------------------------------------------------------ windows beyond the first
-    def _neighbours(self, window: Window, full: torch.Tensor, used: List[Window]):
-        """Windows (50 % overlap) across faces that the mask touches and that are not the
-        volume's edge, each with the mask found so far (``full``: the window's logits
-        upsampled to the window size) as its seed."""
+    def _neighbours(self, window: Window, full: torch.Tensor, used: List[Window], anchors: Optional[torch.Tensor]):
+        """Windows (50 % overlap) across faces that the object touches and that are not the
+        volume's edge, each with its seed: this window, the mask found so far (``full``: the
+        window's logits upsampled to the window size) and the object's voxels. The object is the mask's connected parts that
+        hold an ``anchors`` voxel (bool, window-sized; None: the whole mask): a blob apart from
+        the clicked object may be in the mask but is not followed into other windows."""
         size = self.window_size
         mask = full > 0
+        faces = [(axis, side, face) for axis in range(3) for side, face in ((-1, 0), (1, size - 1))
+                 if bool(mask.select(axis, face).any())]
+        if faces and anchors is not None:
+            mask = _parts_holding(mask, anchors)
         shape = self.prepared.shape
         used_starts = {w.start for w in used}
-        for axis in range(3):
-            for side, face in ((-1, 0), (1, size - 1)):
-                if not bool(mask.select(axis, face).any()):
-                    continue
-                if (side < 0 and window.start[axis] <= 0) or (side > 0 and window.stop[axis] >= shape[axis]):
-                    continue  # the face is the volume's edge: the object ends there
-                start = list(window.start)
-                start[axis] += side * size // 2
-                neighbour = Window(tuple(start), size)
-                if neighbour.start in used_starts:
-                    continue
-                used_starts.add(neighbour.start)
-                yield neighbour, (window, full)
+        for axis, side, face in faces:
+            if not bool(mask.select(axis, face).any()):
+                continue
+            if (side < 0 and window.start[axis] <= 0) or (side > 0 and window.stop[axis] >= shape[axis]):
+                continue  # the face is the volume's edge: the object ends there
+            start = list(window.start)
+            start[axis] += side * size // 2
+            neighbour = Window(tuple(start), size)
+            if neighbour.start in used_starts:
+                continue
+            used_starts.add(neighbour.start)
+            yield neighbour, (window, full, mask)
 
-    def _seed_prediction(self, window: Window, seed: Tuple[Window, torch.Tensor], points: List[Point],
-                         snapshot: _Snapshot, timings: dict, cancel) -> Prediction:
-        """Predict in a neighbouring window from the previous window's mask: its logits moved
-        into this window as the mask prompt, a positive point at the mask's centre in the
-        overlap, and the user's points that lie in this window (so a click can correct it)."""
-        previous, full = seed
+    def _moved(self, window: Window, previous: Window, values: torch.Tensor, fill) -> torch.Tensor:
+        """A window-sized tensor of ``previous`` moved into ``window`` (``fill`` where it does
+        not reach)."""
         size = self.window_size
         shift = [w - p for w, p in zip(window.start, previous.start)]
-        moved = torch.full((size,) * 3, -20.0, device=full.device)
+        moved = torch.full((size,) * 3, fill, dtype=values.dtype, device=values.device)
         src = tuple(slice(max(0, s), size + min(0, s)) for s in shift)
         dst = tuple(slice(max(0, -s), size - max(0, s)) for s in shift)
-        moved[dst] = full[src]
+        moved[dst] = values[src]
+        return moved
+
+    def _click_voxels(self, window: Window, points: List[Point]) -> Optional[torch.Tensor]:
+        """Bool (S, S, S): the voxels of ``window`` under its positive points; None when it has
+        none (a box alone: the whole mask is the object)."""
+        size = self.window_size
+        voxels = [np.clip(np.rint(c), 0, size - 1).astype(int) for c in
+                  (self._in_window(window, p) for p in points if p.positive) if c is not None]
+        if not voxels:
+            return None
+        anchors = torch.zeros((size,) * 3, dtype=torch.bool)
+        for v in voxels:
+            anchors[tuple(v)] = True
+        return anchors
+
+    def _seed_prediction(self, window: Window, moved: torch.Tensor, points: List[Point],
+                         snapshot: _Snapshot, timings: dict, cancel) -> Prediction:
+        """Predict in a neighbouring window from the previous window's mask: its logits
+        ``moved`` into this window (:meth:`_moved`) as the mask prompt, a positive point at
+        the mask's centre in the overlap, and the user's points that lie in this window (so a
+        click can correct it)."""
         mask_prompt = F.interpolate(moved[None, None], size=self._lowres, mode="trilinear", align_corners=False)
         inside = torch.nonzero(moved > 0).float()
         centre = inside.mean(0)
@@ -694,6 +723,16 @@ class Session:
     def _check_cancel(cancel: Optional[threading.Event]) -> None:
         if cancel is not None and cancel.is_set():
             raise CancelledError("the segmentation was cancelled")
+
+
+def _parts_holding(mask: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """The connected parts (26-connected) of ``mask`` that hold an ``anchors`` voxel (both bool,
+    same shape; scipy labels the parts on the CPU)."""
+    from scipy import ndimage
+
+    parts, _ = ndimage.label(mask.cpu().numpy(), structure=np.ones((3, 3, 3), dtype=bool))
+    held = np.unique(parts[anchors.cpu().numpy()])
+    return torch.from_numpy(np.isin(parts, held[held > 0])).to(mask.device)
 
 
 def _bbox(mask: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:

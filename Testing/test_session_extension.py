@@ -198,3 +198,23 @@ def test_results_in_slicer_order_match_the_plain_ones(liver):
 
     nothing = _session(volume).reset()
     assert nothing.empty and nothing.extent_ijk == (0, -1, 0, -1, 0, -1)
+
+
+def test_a_blob_apart_from_the_clicked_object_is_not_followed(data_dir):
+    """Spleen and liver both bright (two separate objects for the oracle), a click in the spleen:
+    the session follows the spleen across its windows but opens no window for the liver, which
+    merely shows in the spleen's windows (before this rule the click segmented the whole liver
+    through 41 windows that hold no spleen)."""
+    _, spleen, _, interior = organ_image(data_dir, "spleen")
+    volume, liver, _, _ = organ_image(data_dir, "liver")
+    image = Volume(1.0 + (spleen | liver).astype(np.float32), volume.affine)
+    session = _session(image, max_windows=200)
+    session.add_point_ijk(interior)
+    result = session.predict()
+    mask = result.full_mask(image.shape)
+    assert len(result.windows) > 1, "the spleen spans several 96 mm windows"
+    assert np.array_equal(mask & spleen, spleen)
+    for start in result.windows:
+        lo, hi = windows.region_bbox(session.prepared, windows.Window(start, session.window_size))
+        assert spleen[tuple(slice(a, b) for a, b in zip(lo, hi))].any(), f"window {start} holds no spleen"
+    assert (mask & liver).sum() < 0.05 * liver.sum()
