@@ -23,8 +23,8 @@ edge, the session continues in the neighbouring window (50 % overlap, as the SAM
 does), seeded with the mask found so far and a positive point inside it, until the object closes
 or ``max_windows`` windows are computed. The object is the mask's connected part that holds the
 window's positive clicks (in a continued window, the object carried over; with a box alone, the
-whole mask): a separate blob is kept in the mask but not followed. Every window computed is in the mask and listed in
-``result.windows``; the limit only stops new windows.
+whole mask): a separate blob is kept in the mask but not followed. Every window computed is in
+the mask and listed in ``result.windows``; the limit only stops new windows.
 
 Threads and sharing: prompt edits and the settings ``expert``, ``tau``, ``selector`` take a lock
 and bump ``revision``; :meth:`Session.predict` works on a snapshot taken under that lock, so a
@@ -638,9 +638,10 @@ class Session:
     def _neighbours(self, window: Window, full: torch.Tensor, used: List[Window], anchors: Optional[torch.Tensor]):
         """Windows (50 % overlap) across faces that the object touches and that are not the
         volume's edge, each with its seed: this window, the mask found so far (``full``: the
-        window's logits upsampled to the window size) and the object's voxels. The object is the mask's connected parts that
-        hold an ``anchors`` voxel (bool, window-sized; None: the whole mask): a blob apart from
-        the clicked object may be in the mask but is not followed into other windows."""
+        window's logits upsampled to the window size) and the object's voxels. The object is
+        the mask's connected parts that hold an ``anchors`` voxel (bool, window-sized; None: the
+        whole mask): a blob apart from the clicked object may be in the mask but is not followed
+        into other windows."""
         size = self.window_size
         mask = full > 0
         faces = [(axis, side, face) for axis in range(3) for side, face in ((-1, 0), (1, size - 1))
