@@ -30,7 +30,7 @@ from .interactive import InteractiveSegmentation, click_dice, plan_for_step
 from .lora import DEFAULT_TARGETS, add_lora, lora_parameters, merge_lora
 from .loop import RunSettings, Task, add_loop_arguments, run, training_run
 from .models import write_provenance
-from .validation import add_prompt_arguments, validation_score
+from .validation import add_prompt_arguments, require_box_prompts, validation_score
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,8 +99,7 @@ class ExpertTask(Task):
     name = "expert"
 
     def __init__(self, base, decoder, args, cache: EmbeddingCache, val_data=None) -> None:
-        if args.box_prob > 0 and not base.box_prompts:
-            raise SAMMed3DError("--box-prob needs a base model with box prompts; this bundle's has none")
+        require_box_prompts(args.box_prob, base)
         base.requires_grad_(False)
         self.args = args
         self.decoder = decoder

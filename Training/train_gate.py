@@ -35,7 +35,7 @@ from .finetune_expert import freeze_unreached
 from .interactive import GateTraining, balanced_decoder_weights, click_dice, plan_for_step
 from .loop import RunSettings, Task, add_loop_arguments, run, training_run
 from .models import write_provenance
-from .validation import add_prompt_arguments, validation_score
+from .validation import add_prompt_arguments, require_box_prompts, validation_score
 
 DEFAULT_TAUS = "0.3,0.4,0.5,0.6,0.7,0.8,0.9"
 
@@ -181,8 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         moe = bundle.load_bundle(args.bundle, device="cpu")
         if not moe.expert_names:
             raise SAMMed3DError(f"{args.bundle} has no experts: fine-tune one (Training.finetune_expert) before the gate")
-        if args.box_prob > 0 and not moe.base.box_prompts:
-            raise SAMMed3DError("--box-prob needs a base model with box prompts; this bundle's has none")
+        require_box_prompts(args.box_prob, moe.base)
         if moe.gate is None or args.new_gate:
             moe.gate = GatingNetwork(moe.base.config["prompt_embed_dim"], len(moe.expert_names), args.gate_heads,
                                      args.gate_mlp_dim, args.gate_hidden_dim)

@@ -7,6 +7,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from SAMMed3DMoELib.errors import SAMMed3DError
+
 from .data import CropDataset
 from .distributed import DistContext, all_reduce_sum
 
@@ -24,6 +26,12 @@ def add_prompt_arguments(parser, *, iterations: int = 11, gate: bool = False) ->
                         "box alone first, then the box with each click")
     g.add_argument("--val-clicks", type=int, default=3 if gate else 5,
                    help="validation score: mean Dice over clicks 1..N")
+
+
+def require_box_prompts(box_prob: float, base) -> None:
+    """Refuse ``--box-prob`` > 0 for a bundle whose base model (``SamMed3D``) has no box prompts."""
+    if box_prob > 0 and not base.box_prompts:
+        raise SAMMed3DError("--box-prob needs a base model with box prompts; this bundle's has none")
 
 
 @torch.no_grad()
